@@ -1,0 +1,88 @@
+"""Load an ONNX model and check that every op can be compiled, listing all problems at once."""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import onnx
+
+from qcompile.runtime.errors import QCompileError
+
+__all__ = ["load_onnx", "ModelError"]
+
+log = logging.getLogger(__name__)
+
+
+class ModelError(QCompileError):
+    """The input model cannot be read or compiled."""
+
+
+def _supported_ops() -> set[str]:
+    from tvm.relax.frontend.onnx import onnx_frontend as fe  # noqa: PLC0415
+
+    return set(fe._get_convert_map()) | {"Constant", "If"}  # noqa: SLF001
+
+
+def load_onnx(path: str | Path) -> onnx.ModelProto:
+    """Read ``path`` (external data too), infer shapes, and validate ops and inputs."""
+    path = Path(path)
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        model = onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf raises many kinds
+        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if not model.graph.node:
+        raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
+    try:
+        onnx.checker.check_model(model)
+    except onnx.checker.ValidationError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ModelError(f"{path}: invalid ONNX model: {first}") from e
+    try:
+        model = onnx.shape_inference.infer_shapes(model)
+    except Exception as e:  # noqa: BLE001
+        log.warning("%s: shape inference failed (%s); continuing without it", path, e)
+    _check_ops(path, model)
+    _check_inputs(path, model)
+    _drop_initializer_inputs(model)
+    for i, node in enumerate(model.graph.node):
+        if not node.name:
+            node.name = f"{node.op_type}_{i}"
+    return model
+
+
+def _check_ops(path: Path, model: onnx.ModelProto) -> None:
+    supported = _supported_ops()
+    bad: dict[str, list[str]] = defaultdict(list)
+    for i, node in enumerate(model.graph.node):
+        if node.domain not in ("", "ai.onnx") or node.op_type not in supported:
+            op = f"{node.domain}::{node.op_type}" if node.domain not in ("", "ai.onnx") else node.op_type
+            bad[op].append(node.name or f"#{i}")
+    if bad:
+        items = "; ".join(f"{op} (nodes {', '.join(names[:3])}{'…' if len(names) > 3 else ''})"
+                          for op, names in sorted(bad.items()))
+        raise ModelError(
+            f"{path}: {sum(map(len, bad.values()))} nodes use operators qcompile cannot compile: {items}. "
+            "Export the model with standard ONNX operators (opset 13-21)."
+        )
+
+
+def _drop_initializer_inputs(model: onnx.ModelProto) -> None:
+    """Older exporters list initializers as graph inputs too; they are constants to us."""
+    inits = {i.name for i in model.graph.initializer}
+    keep = [i for i in model.graph.input if i.name not in inits]
+    if len(keep) != len(model.graph.input):
+        del model.graph.input[:]
+        model.graph.input.extend(keep)
+
+
+def _check_inputs(path: Path, model: onnx.ModelProto) -> None:
+    inits = {i.name for i in model.graph.initializer}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        if not inp.type.HasField("tensor_type"):
+            raise ModelError(f"{path}: input {inp.name!r} is not a tensor (found {inp.type}); only tensor inputs are supported")

@@ -1,0 +1,151 @@
+"""Load a compiled artifact and run it, like an onnxruntime InferenceSession.
+
+Only the TVM runtime is used (``TVM_USE_RUNTIME_LIB=1`` is set before TVM is imported, so the compiler
+library never enters the process).  Before ``module.so`` is loaded — loading a shared library runs
+code — the manifest's version, target and every file hash are checked.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, QCompileError
+from .manifest import MODULE, PARAMS, read_manifest, verify_files
+
+__all__ = ["load", "Session", "NodeArg"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """An input or output of the model: name, numpy dtype name, shape (ints, or str for symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+
+def _import_tvm_runtime():
+    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
+    import tvm  # noqa: PLC0415
+    from tvm.runtime import vm  # noqa: PLC0415
+
+    return tvm, vm
+
+
+def _host_cpu_flags() -> set[str]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def _check_target(root: Path, target: dict) -> None:
+    device = target.get("device")
+    if device != "cpu":
+        raise ArtifactError(f"{root}: compiled for device {device!r}; this runtime runs 'cpu' artifacts")
+    arch = target.get("arch")
+    host = platform.machine().lower()
+    if arch and arch != host:
+        raise ArtifactError(f"{root}: compiled for {arch}, this machine is {host}; recompile for this target")
+    needed = set(target.get("cpu_flags", []))
+    have = _host_cpu_flags()
+    if needed and have and not needed <= have:
+        raise ArtifactError(
+            f"{root}: compiled for a CPU with {sorted(needed - have)}, which this CPU lacks; "
+            f"recompile with --target x86 on this machine"
+        )
+
+
+class Session:
+    """A loaded artifact.  ``run(output_names, feeds)`` returns a list of numpy arrays."""
+
+    def __init__(self, path: str | Path):
+        root = Path(path)
+        self.path = root
+        self.manifest = read_manifest(root)
+        _check_target(root, self.manifest["target"])
+        verify_files(root, self.manifest)
+        for required in (MODULE, PARAMS):
+            if required not in self.manifest["files"]:
+                raise ArtifactError(f"{root}: manifest lists no {required}")
+        tvm, vm = _import_tvm_runtime()
+        self._tvm = tvm
+        self._dev = tvm.cpu(0)
+        lib = tvm.runtime.load_module(str(root / MODULE))
+        self._vm = vm.VirtualMachine(lib, self._dev)
+        self._main = self._vm["main"]
+        self._params = self._load_params(root / PARAMS)
+        self.inputs = [NodeArg(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
+        self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
+        log.info("loaded %s: %d inputs, %d outputs, %d params", root, len(self.inputs),
+                 len(self.outputs), len(self._params))
+
+    def _load_params(self, path: Path) -> list:
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        arrays = load_file(str(path))
+        names = self.manifest["params"]
+        missing = [n for n in names if n not in arrays]
+        if missing:
+            raise ArtifactError(f"{self.path}: {PARAMS} lacks parameters {missing[:5]}")
+        # tvm.runtime.tensor copies into a 64-byte aligned buffer owned by TVM
+        return [self._tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self._dev) for n in names]
+
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self.inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self.outputs)
+
+    def _prepare(self, feeds: dict) -> list:
+        names = [i.name for i in self.inputs]
+        unknown = sorted(set(feeds) - set(names))
+        missing = [n for n in names if n not in feeds]
+        if unknown or missing:
+            raise QCompileError(
+                f"{self.path}: inputs do not match the model: expected {names}, "
+                f"missing {missing}, unknown {unknown}"
+            )
+        args = []
+        for spec in self.inputs:
+            a = np.asarray(feeds[spec.name])
+            if a.dtype != np.dtype(spec.dtype):
+                raise QCompileError(
+                    f"{self.path}: input {spec.name!r} expects dtype {spec.dtype}, found {a.dtype}"
+                )
+            if a.ndim != len(spec.shape) or any(
+                isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape)
+            ):
+                raise QCompileError(
+                    f"{self.path}: input {spec.name!r} expects shape {list(spec.shape)}, found {list(a.shape)}"
+                )
+            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._dev))
+        return args
+
+    def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
+        """Run the model; ``output_names=None`` returns every output in the model's order."""
+        result = self._main(*self._prepare(feeds), *self._params)
+        values = [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
+        by_name = {o.name: v for o, v in zip(self.outputs, values)}
+        if output_names is None:
+            output_names = [o.name for o in self.outputs]
+        unknown = [n for n in output_names if n not in by_name]
+        if unknown:
+            raise QCompileError(f"{self.path}: no outputs named {unknown}; outputs are {list(by_name)}")
+        return [by_name[n].numpy() for n in output_names]
+
+
+def load(path: str | Path) -> Session:
+    """Load the artifact at ``path`` (a ``.qcm`` directory)."""
+    return Session(path)

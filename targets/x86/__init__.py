@@ -1,0 +1,63 @@
+"""The x86 target: host CPU via LLVM (AVX2 / AVX-512), our dequant kernels, TVM for the rest."""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+from ..base import TargetSpec
+
+__all__ = ["host_target", "target_from_json", "X86Target"]
+
+# ISA extensions recorded in the manifest when compiling for the host's own mcpu
+_TRACKED_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
+                  "avx512_vnni", "avx_vnni")
+
+
+def _host_flags() -> tuple[str, ...]:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                have = set(line.split(":", 1)[1].split())
+                return tuple(f for f in _TRACKED_FLAGS if f in have)
+    except OSError:
+        pass
+    return ()
+
+
+def host_target() -> TargetSpec:
+    """The host CPU as TVM detects it (``Target.from_device(tvm.cpu())``)."""
+    import tvm  # noqa: PLC0415
+
+    detected = tvm.target.Target.from_device(tvm.cpu())
+    tjson = {"kind": "llvm", "mcpu": str(detected.attrs.get("mcpu", "generic"))}
+    return TargetSpec("x86", tjson, "cpu", platform.machine().lower(), _host_flags())
+
+
+def target_from_json(tjson: dict) -> TargetSpec:
+    """A user-given ``{"kind": "llvm", ...}`` target; host flags are recorded only for the host's mcpu."""
+    host = host_target()
+    flags = host.cpu_flags if tjson.get("mcpu") in (None, host.tvm["mcpu"]) else ()
+    return TargetSpec("x86", dict(tjson), "cpu", platform.machine().lower(), flags)
+
+
+class X86Target:
+    """Capabilities and build steps of the x86 target."""
+
+    name = "x86"
+    vector_lanes_f32 = 16  # output tile of the dequant kernels (2 x AVX2 or 1 x AVX-512 register)
+    supports_formats = "all"
+
+    def __init__(self, spec: TargetSpec):
+        self.spec = spec
+
+    def lower(self, model):
+        """Quantized ONNX ModelProto -> :class:`.lower.LoweredModel`."""
+        from .lower import lower_to_relax  # noqa: PLC0415
+
+        return lower_to_relax(model)
+
+    def build(self, mod, out_path: str) -> None:
+        from .build import build_library  # noqa: PLC0415
+
+        build_library(mod, self.spec.tvm, out_path)

@@ -1,0 +1,213 @@
+"""Dequantizing matmul kernels for CPUs (TIR), with their numpy equivalents.
+
+Weight layout (the "tiled" layout of a :class:`~qcompile.passes.formats.WeightFormat`): the canonical
+packing of a [N, K] code matrix is, per bit plane of width ``pb``, uint32 words [N, K*pb/32] with code
+``k`` of a word at bits ``pb*(k % (32/pb))``.  For the CPU the words are tiled over ``T`` consecutive
+output channels so that one SIMD load yields the same word of ``T`` outputs::
+
+    tiled[p][nt, w, t] = canonical[p][nt*T + t, w]          shape [N/T, K*pb/32, T]
+    scales/zeros:        s[nt, kg, t] = scale[nt*T + t, kg]  shape [N/T, K/g, T]  (float16)
+
+so the kernels vectorize over outputs (no horizontal sums) and dequantization happens in registers:
+for batch 1 the group's integer codes are accumulated against x, then scaled once per group::
+
+    y[m, n] = sum_g  s[n, g] * sum_{k in g} code[n, k] * x[m, k]  +  z[n, g] * sum_{k in g} x[m, k]
+
+and for larger batches each (g x T) weight tile is dequantized into a stack buffer (L1) and reused
+for a block of rows.  No float copy of the weight ever exists in memory.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from tvm.script import tirx as T
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from qcompile.passes.formats import WeightFormat
+
+__all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups", "reference_matmul"]
+
+ROW_BLOCK = 4  # rows of x per register block in the GEMM path
+ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
+
+
+def tile_for(n: int) -> int:
+    """Largest output tile (SIMD lanes over outputs) that divides ``n``."""
+    for t in (16, 8, 4, 2, 1):
+        if n % t == 0:
+            return t
+    return 1
+
+
+def tile_planes(planes: list[np.ndarray], t: int) -> list[np.ndarray]:
+    """Canonical [N, W] word planes -> tiled [N/t, W, t] (a permutation of the same words)."""
+    out = []
+    for p in planes:
+        n, w = p.shape
+        out.append(np.ascontiguousarray(p.reshape(n // t, t, w).transpose(0, 2, 1)))
+    return out
+
+
+def tile_groups(a: np.ndarray, t: int) -> np.ndarray:
+    """Per-group [N, G] scales or zeros -> tiled [N/t, G, t]."""
+    n, g = a.shape
+    return np.ascontiguousarray(a.reshape(n // t, t, g).transpose(0, 2, 1))
+
+
+def reference_matmul(x: np.ndarray, w_deq: np.ndarray) -> np.ndarray:
+    """numpy equivalent of :func:`dequant_matmul`: ``x[M, K] @ w_deq[N, K].T``."""
+    return x.astype(np.float32) @ w_deq.T
+
+
+def dequant_matmul(fmt: WeightFormat, k: int, n: int, t: int | None = None):
+    """TIR kernel ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` for a symbolic M.
+
+    Arguments: x (float32 [M, K]), one tiled word plane per ``fmt.planes``, scales, zeros, y.
+    numpy: ``y = x @ fmt.dequantize(q).T`` (see :func:`reference_matmul`).
+    """
+    t = t or tile_for(n)
+    g = fmt.group_size
+    if k % g or n % t:
+        raise ValueError(f"dequant_matmul: K={k} must divide by group {g} and N={n} by tile {t}")
+    return _matmul_kernel(tuple(fmt.planes), g, k, n, t)
+
+
+def _decoder(planes: tuple[int, ...]):
+    """Build ``code(ws, nt, word_base, i, tt)``: the i-th code of a 32-code block as an int32 expr.
+
+    ``word_base`` is the block's first k divided by 32; plane ``p`` of width ``pb`` holds ``pb`` words
+    per block, the code's bits ``[shift_p, shift_p + pb)`` at bit ``(i*pb) % 32`` of word ``(i*pb)//32``.
+    """
+
+    def code(ws, nt, kblock, i, tt):
+        expr = None
+        shift = 0
+        for w, pb in zip(ws, planes):
+            part = T.bitwise_and(
+                T.shift_right(w[nt, kblock * pb + (i * pb) // 32, tt], T.uint32((i * pb) % 32)),
+                T.uint32((1 << pb) - 1),
+            )
+            if shift:
+                part = T.shift_left(part, T.uint32(shift))
+            expr = part if expr is None else T.bitwise_or(expr, part)
+            shift += pb
+        # small non-negative value: int32 -> float32 is one instruction on AVX2, uint32 is not
+        return T.Cast("int32", expr)
+
+    return code
+
+
+def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
+    code = _decoder(planes)
+    kg, nt_, kb_, rb = k // g, n // t, g // 32, ROW_BLOCK
+    p0 = planes[0]
+    p1 = planes[1] if len(planes) > 1 else planes[0]
+    two = len(planes) > 1
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        w0 = T.match_buffer(w0_h, (nt_, k * p0 // 32, t), "uint32")
+        w1 = T.match_buffer(w1_h, (nt_, k * p1 // 32, t), "uint32")
+        s = T.match_buffer(s_h, (nt_, kg, t), "float16")
+        z = T.match_buffer(z_h, (nt_, kg, t), "float16")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        ws = T.meta_var((w0, w1) if two else (w0,))
+        xsum = T.alloc_buffer((rb, kg), "float32")
+        if m < rb:
+            for r, gi in T.grid(m, kg):
+                xsum[r, gi] = T.float32(0)
+                for kk in range(g):
+                    xsum[r, gi] = xsum[r, gi] + x[r, gi * g + kk]
+        for nt in T.parallel(nt_):
+            if m < rb:
+                for r in range(m):
+                    acc = T.alloc_buffer((t,), "float32", scope="local")
+                    part = T.alloc_buffer((ACCS, t), "float32", scope="local")
+                    for tt in T.vectorized(t):
+                        acc[tt] = T.float32(0)
+                    for gi in range(kg):
+                        for a in T.unroll(ACCS):
+                            for tt in T.vectorized(t):
+                                part[a, tt] = T.float32(0)
+                        for kb in range(kb_):
+                            for i in T.unroll(32):
+                                for tt in T.vectorized(t):
+                                    part[i % ACCS, tt] = part[i % ACCS, tt] + T.Cast(
+                                        "float32", code(ws, nt, gi * kb_ + kb, i, tt)
+                                    ) * x[r, gi * g + kb * 32 + i]
+                        for tt in T.vectorized(t):
+                            acc[tt] = (
+                                acc[tt]
+                                + T.Cast("float32", s[nt, gi, tt])
+                                * ((part[0, tt] + part[1, tt]) + (part[2, tt] + part[3, tt]))
+                                + T.Cast("float32", z[nt, gi, tt]) * xsum[r, gi]
+                            )
+                    for tt in T.vectorized(t):
+                        y[r, nt * t + tt] = acc[tt]
+            else:
+                for mb in range((m + rb - 1) // rb):
+                    acc = T.alloc_buffer((rb, t), "float32", scope="local")
+                    wd = T.alloc_buffer((g, t), "float32", scope="local")
+                    for rr in T.unroll(rb):
+                        for tt in T.vectorized(t):
+                            acc[rr, tt] = T.float32(0)
+                    for gi in range(kg):
+                        for kb in range(kb_):
+                            for i in T.unroll(32):
+                                for tt in T.vectorized(t):
+                                    wd[kb * 32 + i, tt] = T.Cast(
+                                        "float32", code(ws, nt, gi * kb_ + kb, i, tt)
+                                    ) * T.Cast("float32", s[nt, gi, tt]) + T.Cast("float32", z[nt, gi, tt])
+                        for kk in range(g):
+                            for rr in T.unroll(rb):
+                                for tt in T.vectorized(t):
+                                    acc[rr, tt] = acc[rr, tt] + x[T.min(mb * rb + rr, m - 1), gi * g + kk] * wd[kk, tt]
+                    for rr in range(rb):
+                        if mb * rb + rr < m:
+                            for tt in T.vectorized(t):
+                                y[mb * rb + rr, nt * t + tt] = acc[rr, tt]
+
+    return kernel
+
+
+def im2col(c: int, h: int, w: int, ks, st, pads, dil):
+    """TIR kernel: NCHW image -> patch rows for a convolution as a matmul.
+
+    numpy: ``cols[b*OH*OW + oh*OW + ow, ci*KH*KW + r*KW + s] = xpad[b, ci, oh*SH + r*DH, ow*SW + s*DW]``
+    where ``xpad`` is x zero-padded by ``pads`` (top, left, bottom, right); the column order is ONNX's
+    weight order, so ``cols @ W.reshape(N, -1).T`` is the convolution.
+    """
+    kh, kw = ks
+    sh, sw = st
+    ph, pw = pads[0], pads[1]
+    dh, dw = dil
+    oh = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
+    ow = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
+    kk = c * kh * kw
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True})
+        b = T.int64()
+        x = T.match_buffer(x_h, (b, c, h, w), "float32")
+        y = T.match_buffer(y_h, (b * oh * ow, kk), "float32")
+        for bo in T.parallel(b * oh):
+            for o, ci, r, s in T.grid(ow, c, kh, kw):
+                if (
+                    (bo % oh) * sh - ph + r * dh >= 0
+                    and (bo % oh) * sh - ph + r * dh < h
+                    and o * sw - pw + s * dw >= 0
+                    and o * sw - pw + s * dw < w
+                ):
+                    y[bo * ow + o, ci * kh * kw + r * kw + s] = x[
+                        bo // oh, ci, (bo % oh) * sh - ph + r * dh, o * sw - pw + s * dw
+                    ]
+                else:
+                    y[bo * ow + o, ci * kh * kw + r * kw + s] = T.float32(0)
+
+    return kernel

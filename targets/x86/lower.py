@@ -1,0 +1,215 @@
+"""Lower qcompile's quantized ONNX IR to a Relax module for CPUs.
+
+Standard ops go through TVM's ``from_onnx``; ``qcompile::QMatMul`` and ``qcompile::QConv`` are
+converted here into ``call_tir`` of our kernels (:mod:`.kernels`), with the packed weights retiled into
+the kernels' layout.  Packed weights and large float initializers become parameters of ``main``
+(after the model's inputs), stored in ``params.safetensors``; small constants stay in the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import logging
+import operator
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qcompile.passes import qops
+from qcompile.passes.formats import WeightFormat
+
+from . import kernels
+
+__all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
+
+log = logging.getLogger(__name__)
+
+PARAM_MIN_ELEMENTS = 256
+"""Float initializers at least this large are parameters (params.safetensors), smaller ones constants."""
+
+
+@dataclass
+class LoweredModel:
+    mod: object  # tvm.IRModule
+    param_names: list[str]
+    params: dict[str, np.ndarray]
+    num_inputs: int
+
+
+def _retile(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
+    """Packed initializers of our ops in the x86 kernel layout, keyed by initializer name."""
+    inits = {t.name: t for t in graph.initializer}
+    out: dict[str, np.ndarray] = {}
+    for node in graph.node:
+        if node.domain != qops.DOMAIN:
+            continue
+        n = next(a.i for a in node.attribute if a.name == "N")
+        t = kernels.tile_for(n)
+        for pos in (1, 2):
+            if len(node.input) > pos and node.input[pos]:
+                out[node.input[pos]] = kernels.tile_planes([numpy_helper.to_array(inits[node.input[pos]])], t)[0]
+        for pos in (3, 4):
+            out[node.input[pos]] = kernels.tile_groups(numpy_helper.to_array(inits[node.input[pos]]), t)
+    return out
+
+
+def _split_params(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]:
+    """Move packed and large float initializers to graph inputs; return the new model and params."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    packed = _retile(graph)
+    names, params, keep = [], {}, []
+    for init in graph.initializer:
+        if init.name in packed:
+            arr = packed[init.name]
+        elif init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
+                int(np.prod(init.dims)) >= PARAM_MIN_ELEMENTS:
+            arr = numpy_helper.to_array(init)
+        else:
+            keep.append(init)
+            continue
+        names.append(init.name)
+        params[init.name] = np.ascontiguousarray(arr)
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            init.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model, names, params
+
+
+def _prod(dims):
+    return functools.reduce(operator.mul, dims, 1)
+
+
+class _Emitter:
+    """Emits our kernels into a BlockBuilder, each distinct kernel once."""
+
+    def __init__(self):
+        self.cache: dict[tuple, object] = {}
+
+    def kernel(self, bb, key: tuple, make):
+        if key not in self.cache:
+            self.cache[key] = bb.add_func(make(), "_".join(str(p) for p in key))
+        return self.cache[key]
+
+    def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
+        from tvm import relax  # noqa: PLC0415
+
+        gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+        w0 = planes[0]
+        w1 = planes[1] if planes[1] is not None else w0
+        return bb.emit(relax.call_tir(gv, [x2, w0, w1, s, z], relax.TensorType([m, n], "float32")))
+
+
+_EMITTER: _Emitter | None = None
+
+
+def _as_f32(bb, x):
+    from tvm import relax  # noqa: PLC0415
+
+    dtype = str(x.ty.dtype)
+    return (x, dtype) if dtype == "float32" else (bb.emit(relax.op.astype(x, "float32")), dtype)
+
+
+def _back(bb, y, dtype):
+    from tvm import relax  # noqa: PLC0415
+
+    return y if dtype == "float32" else bb.emit(relax.op.astype(y, dtype))
+
+
+def _ints(attr, name):
+    return [int(v) for v in attr[name]]
+
+
+def _convert_qmatmul(bb, inputs, attr, params):
+    from tvm import relax  # noqa: PLC0415
+
+    fmt = WeightFormat(int(attr["bits"]), int(attr["group_size"]))
+    k, n = int(attr["K"]), int(attr["N"])
+    x, dtype = _as_f32(bb, inputs[0])
+    shape = list(x.ty.shape.values)
+    lead = shape[:-1]
+    m = _prod(lead) if lead else 1
+    x2 = x if len(shape) == 2 else bb.emit(relax.op.reshape(x, [m, k]))
+    y = _EMITTER.qmatmul2d(bb, x2, m, inputs[1:3], inputs[3], inputs[4], fmt, k, n)
+    if len(shape) != 2:
+        y = bb.emit(relax.op.reshape(y, [*lead, n]) if lead else relax.op.reshape(y, [n]))
+    return _back(bb, y, dtype)
+
+
+def _convert_qconv(bb, inputs, attr, params):
+    from tvm import relax, tirx  # noqa: PLC0415
+
+    fmt = WeightFormat(int(attr["bits"]), int(attr["group_size"]))
+    k, n = int(attr["K"]), int(attr["N"])
+    ks, st, pads, dil = (_ints(attr, a) for a in ("kernel_shape", "strides", "pads", "dilations"))
+    if len(ks) != 2:
+        raise NotImplementedError(f"QConv: only 2-D convolutions are lowered (kernel {ks})")
+    x, dtype = _as_f32(bb, inputs[0])
+    b, c, h, w = x.ty.shape.values
+    if not all(isinstance(v, tirx.IntImm) for v in (c, h, w)):
+        raise NotImplementedError("QConv: channels and spatial dims must be static")
+    c, h, w = int(c), int(h), int(w)
+    oh = (h + pads[0] + pads[2] - dil[0] * (ks[0] - 1) - 1) // st[0] + 1
+    ow = (w + pads[1] + pads[3] - dil[1] * (ks[1] - 1) - 1) // st[1] + 1
+    rows = b * oh * ow
+    if ks == [1, 1] and st == [1, 1] and pads == [0, 0, 0, 0]:
+        cols = bb.emit(relax.op.reshape(bb.emit(relax.op.permute_dims(x, [0, 2, 3, 1])), [rows, c]))
+    else:
+        key = ("im2col", c, h, w, *ks, *st, *pads, *dil)
+        gv = _EMITTER.kernel(bb, key, lambda: kernels.im2col(c, h, w, ks, st, pads, dil))
+        cols = bb.emit(relax.call_tir(gv, [x], relax.TensorType([rows, k], "float32")))
+    y = _EMITTER.qmatmul2d(bb, cols, rows, inputs[1:3], inputs[3], inputs[4], fmt, k, n)
+    y = bb.emit(relax.op.permute_dims(bb.emit(relax.op.reshape(y, [b, oh, ow, n])), [0, 3, 1, 2]))
+    bias = inputs[5] if len(inputs) > 5 else None
+    if bias is not None:
+        y = bb.emit(relax.op.add(y, relax.op.reshape(relax.op.astype(bias, "float32"), [1, n, 1, 1])))
+    return _back(bb, y, dtype)
+
+
+@contextlib.contextmanager
+def _our_converters():
+    """Make ``from_onnx`` convert qcompile's ops (it has no hook for custom domains but its map)."""
+    global _EMITTER  # noqa: PLW0603
+    from tvm.relax.frontend.onnx import onnx_frontend as fe  # noqa: PLC0415
+
+    class QMatMul(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_qmatmul)
+
+    class QConv(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_qconv)
+
+    original = fe._get_convert_map  # noqa: SLF001
+
+    def patched():
+        table = original()
+        table[qops.QMATMUL] = QMatMul
+        table[qops.QCONV] = QConv
+        return table
+
+    _EMITTER = _Emitter()
+    fe._get_convert_map = patched  # noqa: SLF001
+    try:
+        yield
+    finally:
+        fe._get_convert_map = original  # noqa: SLF001
+        _EMITTER = None
+
+
+def lower_to_relax(model: onnx.ModelProto) -> LoweredModel:
+    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...)."""
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    num_inputs = len(model.graph.input)
+    split, names, params = _split_params(model)
+    # our custom-domain nodes make onnx.checker complain inside from_onnx; that is expected
+    import warnings  # noqa: PLC0415
+
+    with _our_converters(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mod = from_onnx(split, keep_params_in_input=False)
+    log.info("lowered to Relax: %d functions, %d params", len(mod.functions), len(names))
+    return LoweredModel(mod, names, params, num_inputs)
