@@ -7,7 +7,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
 
+from qcompile.passes.fold import fold_constants
 from qcompile.runtime.errors import QCompileError
 
 __all__ = ["load_onnx", "ModelError"]
@@ -45,13 +47,22 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         model = onnx.shape_inference.infer_shapes(model)
     except Exception as e:  # noqa: BLE001
         log.warning("%s: shape inference failed (%s); continuing without it", path, e)
+    _drop_initializer_inputs(model)
+    model = _fold_constants(model)
     _check_ops(path, model)
     _check_inputs(path, model)
-    _drop_initializer_inputs(model)
     for i, node in enumerate(model.graph.node):
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     return model
+
+
+def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Fold shape arithmetic and constant subgraphs: TVM needs e.g. Pad's pads as constants."""
+    ir_model = ir.from_proto(model)
+    if not fold_constants(ir_model):
+        return model
+    return onnx.shape_inference.infer_shapes(ir.to_proto(ir_model))
 
 
 def _check_ops(path: Path, model: onnx.ModelProto) -> None:

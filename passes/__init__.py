@@ -1,1 +1,1 @@
-"""Passes on the ONNX IR: calibrate, measure, allocate, outliers, quantize (GPTQ), fuse; and the weight formats."""
+"""Passes on the ONNX IR (calibrate, measure, allocate, outliers, quantize, fuse) and the weight formats."""

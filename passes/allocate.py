@@ -166,15 +166,17 @@ def _build(tensors: Sequence[TensorChoices]) -> _Problem:
         if t.name in seen:
             problems.append(f"tensor {t.name!r} is listed twice")
         seen.add(t.name)
-        if isinstance(t.n_weights, bool) or not isinstance(t.n_weights, (int, np.integer)) or t.n_weights <= 0:
+        if not _is_int(t.n_weights) or t.n_weights <= 0:
             problems.append(f"tensor {t.name!r}: n_weights must be a positive int, got {t.n_weights!r}")
         if not t.candidates:
             problems.append(f"tensor {t.name!r} has no candidate formats")
         if len({c.format_name for c in t.candidates}) != len(t.candidates):
             problems.append(f"tensor {t.name!r} lists a format twice")
         for c in t.candidates:
-            if isinstance(c.bits, bool) or not isinstance(c.bits, (int, np.integer)) or c.bits < 0:
-                problems.append(f"tensor {t.name!r}, {c.format_name}: bits must be a non-negative int, got {c.bits!r}")
+            if not _is_int(c.bits) or c.bits < 0:
+                problems.append(
+                    f"tensor {t.name!r}, {c.format_name}: bits must be a non-negative int, got {c.bits!r}"
+                )
             if not math.isfinite(c.error):
                 problems.append(f"tensor {t.name!r}, {c.format_name}: error must be finite, got {c.error!r}")
     if problems:
@@ -203,6 +205,10 @@ def _build(tensors: Sequence[TensorChoices]) -> _Problem:
         formats=formats,
         hulls=hulls,
     )
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
 
 
 def _lower_hull(points: list[tuple[int, float]]) -> list[int]:
@@ -332,7 +338,9 @@ def _core(p: _Problem, lam: float, size: int) -> list[int]:
     return sorted(t for _, t in sorted(scores)[:size])
 
 
-def _solve_core(p: _Problem, cur: np.ndarray, left: int, core: list[int], max_states: int) -> tuple[int, bool]:
+def _solve_core(
+    p: _Problem, cur: np.ndarray, left: int, core: list[int], max_states: int
+) -> tuple[int, bool]:
     """Step 4: exact choice for the ``core`` tensors with the others fixed: dynamic programming over the
     Pareto-optimal (bits, error) states of the tensors taken so far, pruned by the budget and by a
     lower bound (the LP relaxation of the remaining core tensors) against the current solution.

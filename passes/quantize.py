@@ -34,6 +34,7 @@ class QuantRecord:
     op: str
     onnx_shape: tuple[int, ...]
     shape: tuple[int, int]
+    onnx_layout: str  # how the ONNX weight maps to [N, K]: "KN" (transposed), "NK", or "conv"
     format: WeightFormat
     storage: StorageBits
     initializers: tuple[str, ...]
@@ -119,7 +120,8 @@ class QuantizePass(ir.passes.InPlacePass):
         stored = sum(a.nbytes * 8 for a in arrays.values())
         if stored != storage.total:
             raise AssertionError(f"{t.name}: stored {stored} bits, format says {storage.total}")
-        self.records.append(QuantRecord(t.name, t.op, t.onnx_shape, t.shape, fmt, storage,
+        layout = "conv" if t.op == "Conv" else ("KN" if t.transpose else "NK")
+        self.records.append(QuantRecord(t.name, t.op, t.onnx_shape, t.shape, layout, fmt, storage,
                                         tuple(arrays), err))
 
 

@@ -31,6 +31,7 @@ __all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups",
 
 ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
+OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
 
 
 def tile_for(n: int) -> int:
@@ -108,7 +109,7 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
+        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")
         w0 = T.match_buffer(w0_h, (nt_, k * p0 // 32, t), "uint32")
@@ -176,38 +177,33 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
 
 
 def im2col(c: int, h: int, w: int, ks, st, pads, dil):
-    """TIR kernel: NCHW image -> patch rows for a convolution as a matmul.
+    """TIR kernel (from TE): NCHW image -> patch rows for a convolution as a matmul.
 
     numpy: ``cols[b*OH*OW + oh*OW + ow, ci*KH*KW + r*KW + s] = xpad[b, ci, oh*SH + r*DH, ow*SW + s*DW]``
     where ``xpad`` is x zero-padded by ``pads`` (top, left, bottom, right); the column order is ONNX's
-    weight order, so ``cols @ W.reshape(N, -1).T`` is the convolution.
+    weight order, so ``cols @ W.reshape(N, -1).T`` is the convolution.  Rows are parallel.
     """
+    from tvm import s_tir, te, tirx  # noqa: PLC0415
+
     kh, kw = ks
     sh, sw = st
     ph, pw = pads[0], pads[1]
     dh, dw = dil
     oh = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
     ow = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
-    kk = c * kh * kw
+    b = tirx.Var("b", "int64")
+    x = te.placeholder((b, c, h, w), "float32", name="x")
 
-    @T.prim_func(private=True)
-    def kernel(x_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True})
-        b = T.int64()
-        x = T.match_buffer(x_h, (b, c, h, w), "float32")
-        y = T.match_buffer(y_h, (b * oh * ow, kk), "float32")
-        for bo in T.parallel(b * oh):
-            for o, ci, r, s in T.grid(ow, c, kh, kw):
-                if (
-                    (bo % oh) * sh - ph + r * dh >= 0
-                    and (bo % oh) * sh - ph + r * dh < h
-                    and o * sw - pw + s * dw >= 0
-                    and o * sw - pw + s * dw < w
-                ):
-                    y[bo * ow + o, ci * kh * kw + r * kw + s] = x[
-                        bo // oh, ci, (bo % oh) * sh - ph + r * dh, o * sw - pw + s * dw
-                    ]
-                else:
-                    y[bo * ow + o, ci * kh * kw + r * kw + s] = T.float32(0)
+    def patch(row, col):
+        bo, o = row // ow, row % ow
+        ih = (bo % oh) * sh - ph + (col // kw % kh) * dh
+        iw = o * sw - pw + (col % kw) * dw
+        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
+        return tirx.if_then_else(inside, x[bo // oh, col // (kh * kw), ih, iw], tirx.const(0, "float32"))
 
-    return kernel
+    cols = te.compute((b * oh * ow, c * kh * kw), patch, name="cols")
+    func = te.create_prim_func([x, cols])
+    sch = s_tir.Schedule(func)
+    row, col = sch.get_loops(sch.get_sblock("cols"))
+    sch.parallel(row)
+    return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", OPAQUE)

@@ -1,0 +1,182 @@
+"""The ``qcompile`` command line.
+
+    qcompile MODEL.onnx --target x86 --bpw 4.25 -o OUT.qcm     (also: qcompile compile ...)
+    qcompile info OUT.qcm [--json]
+    qcompile run OUT.qcm --input NAME=FILE.npy ... [-o DIR]
+
+Exit status: 0 success, 2 bad input (model, flag, artifact) with a one-paragraph message, 1 internal error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from qcompile.runtime.errors import QCompileError
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
+SUBCOMMANDS = ("compile", "info", "run")
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # argparse's default exits 2 with usage; keep that, one paragraph
+        self.print_usage(sys.stderr)
+        print(f"qcompile: error: {message}", file=sys.stderr)
+        raise SystemExit(EXIT_USAGE)
+
+
+def _bpw(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--bpw expects a number of bits per weight, found {text!r}") from None
+    if not 1.0 < value <= 64:
+        raise argparse.ArgumentTypeError(f"--bpw {text}: expected a value in (1, 64]")
+    return value
+
+
+def _override(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"--override expects REGEX=BITS or REGEX=FORMAT, found {text!r}")
+    rx, spec = text.rsplit("=", 1)
+    return rx, spec
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="qcompile", description="Compile a float ONNX model into a quantized module.")
+    p.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
+    sub = p.add_subparsers(dest="command", parser_class=_Parser)
+    c = sub.add_parser("compile", help="compile an ONNX model (the default command)")
+    c.add_argument("model", help="float ONNX model")
+    c.add_argument("-o", "--output", required=True, help="artifact directory to write (.qcm)")
+    c.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM target JSON")
+    c.add_argument("--bpw", type=_bpw, default=4.25,
+                   help="average bits per weight over the quantized weights, all storage counted; "
+                        ">= 16 keeps float weights")
+    c.add_argument("--float", action="store_true", help="keep float weights (same as --bpw 16)")
+    c.add_argument("--min-weights", type=int, default=None,
+                   help="smallest weight (elements) to quantize (default 16384)")
+    c.add_argument("--override", type=_override, action="append", default=[], metavar="REGEX=BITS",
+                   help="force a format for weights whose name matches (repeatable)")
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
+    i = sub.add_parser("info", help="describe an artifact")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    r = sub.add_parser("run", help="run an artifact on .npy inputs")
+    r.add_argument("artifact")
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    r.add_argument("-o", "--output-dir", default=None, help="write outputs as NAME.npy here")
+    return p
+
+
+def _cmd_compile(args, console) -> int:
+    from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
+
+    opts = CompileOptions(target=args.target, bpw=16.0 if args.float else args.bpw,
+                          overrides=list(args.override))
+    if args.min_weights is not None:
+        opts.min_weights = args.min_weights
+    out = Path(args.output)
+    if args.no_progress or not console.is_terminal:
+        result = compile_model(args.model, out, opts)
+    else:
+        from rich.progress import BarColumn, Progress, TimeElapsedColumn  # noqa: PLC0415
+
+        with Progress("[progress.description]{task.description}", BarColumn(), "{task.completed}/{task.total}",
+                      TimeElapsedColumn(), console=console, transient=True) as bar:
+            tasks: dict[str, int] = {}
+
+            def progress(step: str, done: int, total: int) -> None:
+                if step not in tasks:
+                    tasks[step] = bar.add_task(step, total=total)
+                bar.update(tasks[step], completed=done)
+
+            result = compile_model(args.model, out, opts, progress=progress)
+    from qcompile.compiler.report import summary_lines  # noqa: PLC0415
+
+    for line in summary_lines(result.manifest):
+        console.print(line, highlight=False)
+    console.print(f"wrote {result.path} in {sum(result.seconds.values()):.1f} s", highlight=False)
+    return EXIT_OK
+
+
+def _cmd_info(args, console) -> int:
+    from qcompile.compiler.report import summary_lines, tensor_table  # noqa: PLC0415
+    from qcompile.runtime.manifest import read_manifest  # noqa: PLC0415
+
+    manifest = read_manifest(args.artifact)
+    if args.json:
+        print(json.dumps(manifest, indent=1))
+        return EXIT_OK
+    for line in summary_lines(manifest):
+        console.print(line, highlight=False)
+    console.print(tensor_table(manifest))
+    return EXIT_OK
+
+
+def _cmd_run(args, console) -> int:
+    import numpy as np  # noqa: PLC0415
+
+    import qcompile.runtime as rt  # noqa: PLC0415
+
+    feeds = {}
+    for item in args.input:
+        if "=" not in item:
+            raise QCompileError(f"--input expects NAME=FILE.npy, found {item!r}")
+        name, fname = item.split("=", 1)
+        try:
+            feeds[name] = np.load(fname, allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise QCompileError(f"--input {name}: cannot read {fname!r} as a .npy array ({e})") from e
+    session = rt.load(args.artifact)
+    outputs = session.run(None, feeds)
+    out_dir = Path(args.output_dir) if args.output_dir else None
+    if out_dir:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    for spec, value in zip(session.outputs, outputs):
+        console.print(f"{spec.name}: {value.dtype} {list(value.shape)}", highlight=False)
+        if out_dir:
+            safe = "".join(ch if ch.isalnum() or ch in "._-" else "_" for ch in spec.name)
+            np.save(out_dir / f"{safe}.npy", value)
+    return EXIT_OK
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `qcompile MODEL.onnx ...` is `qcompile compile MODEL.onnx ...`
+    first = next((a for a in argv if not a.startswith("-")), None)
+    if first is not None and first not in SUBCOMMANDS:
+        argv.insert(argv.index(first), "compile")
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    from rich.console import Console  # noqa: PLC0415
+
+    console = Console()
+    handler = {"compile": _cmd_compile, "info": _cmd_info, "run": _cmd_run}[args.command]
+    try:
+        return handler(args, console)
+    except QCompileError as e:
+        print(f"qcompile: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("qcompile: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the CLI's last line of defence
+        logging.getLogger("qcompile").debug("internal error", exc_info=True)
+        print(f"qcompile: internal error: {type(e).__name__}: {e} (run with -vv for the traceback; "
+              "please report it)", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""ONNX in, quantized x86 artifact out, run by the runtime, checked against onnxruntime."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from safetensors.numpy import load_file
+
+import qcompile.runtime as rt
+from qcompile.compiler.driver import CompileOptions, compile_model
+from tests.helpers import convnet_model, mlp_model, save, with_decoded_weights
+
+
+def _ort(model, feeds):
+    return ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feeds)
+
+
+def _rel(a, b):
+    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
+
+
+MODELS = {
+    "mlp": (mlp_model, lambda rng, b: {"x": rng.standard_normal((b, 256)).astype(np.float32)}),
+    "convnet": (convnet_model, lambda rng, b: {"x": rng.standard_normal((b, 16, 20, 20)).astype(np.float32)}),
+}
+
+
+@pytest.fixture(scope="module", params=sorted(MODELS))
+def built(request, tmp_path_factory):
+    """One model compiled at float, 8 and 4.25 bpw."""
+    make, feeds = MODELS[request.param]
+    d = tmp_path_factory.mktemp(request.param)
+    model = make()
+    path = save(model, d / "model.onnx")
+    arts = {bpw: compile_model(path, d / f"m{bpw}.qcm", CompileOptions(bpw=bpw)) for bpw in (16.0, 8.0, 4.25)}
+    return request.param, model, feeds, arts
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+def test_outputs_match_onnxruntime(built, batch):
+    name, model, make_feeds, arts = built
+    feeds = make_feeds(np.random.default_rng(batch), batch)
+    ref = _ort(model, feeds)[0]
+    got = {bpw: rt.load(a.path).run(None, feeds)[0] for bpw, a in arts.items()}
+    # float weights: same math as onnxruntime up to float32 summation order
+    np.testing.assert_allclose(got[16.0], ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    for bpw in (8.0, 4.25):
+        # the compiled module computes exactly the decoded (stored) weights: compare with ORT on them
+        fake = _ort(with_decoded_weights(model, arts[bpw].path), feeds)[0]
+        np.testing.assert_allclose(got[bpw], fake, rtol=1e-4, atol=2e-4 * np.abs(fake).max())
+    # and the error against the float model is what the formats predict: independent relative weight
+    # errors e_l (squared Frobenius, in the manifest) give an output error of about sqrt(sum e_l) for a
+    # chain of linear layers; averaging (global pooling) only shrinks it
+    for bpw, bound in ((8.0, 0.03), (4.25, 0.25)):
+        predicted = np.sqrt(sum(t["rel_error"] for t in arts[bpw].manifest["tensors"]))
+        err = _rel(got[bpw], ref)
+        assert err < bound, (name, bpw, err)
+        assert err < 1.5 * predicted, (name, bpw, err, predicted)
+        if name == "mlp":
+            assert err > 0.3 * predicted, (name, bpw, err, predicted)
+    # (--bpw 8 is a mix of 6- to 8-bit formats: q8g128 alone costs 8.25 bits)
+    assert _rel(got[8.0], ref) < _rel(got[4.25], ref) / 2
+
+
+def test_bpw_is_recomputed_from_stored_bytes(built):
+    _, _, _, arts = built
+    for bpw in (8.0, 4.25):
+        art = arts[bpw]
+        manifest = json.loads((art.path / "manifest.json").read_text())
+        params = load_file(str(art.path / "params.safetensors"))
+        bits = weights = 0
+        for t in manifest["tensors"]:
+            stored = sum(params[p].nbytes * 8 for p in t["params"])
+            assert stored == t["storage_bits"]["total"]
+            bits += stored
+            weights += int(np.prod(t["onnx_shape"]))
+        assert manifest["bpw"]["achieved"] == bits / weights
+        assert manifest["bpw"]["achieved"] <= bpw
+        assert manifest["bpw"]["target"] == bpw
+    assert arts[4.25].manifest["bpw"]["achieved"] >= 4.0  # close to the target from below
+    assert arts[16.0].manifest["bpw"]["float_weights"] is True
+    assert arts[16.0].manifest["tensors"] == []
+
+
+def test_runtime_never_loads_the_tvm_compiler(built):
+    """A fresh process loads and runs the artifact with the runtime-only TVM library."""
+    _, _, make_feeds, arts = built
+    feeds = make_feeds(np.random.default_rng(0), 2)
+    art = arts[4.25].path
+    np.save(art.parent / "in.npy", feeds["x"])
+    code = f"""
+import numpy as np, qcompile.runtime as r
+s = r.load({str(art)!r})
+y = s.run(None, {{"x": np.load({str(art.parent / 'in.npy')!r})}})[0]
+np.save({str(art.parent / 'out.npy')!r}, y)
+maps = open('/proc/self/maps').read()
+assert 'libtvm_runtime' in maps, 'runtime library not loaded'
+assert 'libtvm_compiler' not in maps, 'compiler library loaded'
+"""
+    subprocess.run([sys.executable, "-c", code], check=True, env={"PATH": "/usr/bin:/bin"} | _pyenv())
+    expect = rt.load(art).run(None, feeds)[0]
+    np.testing.assert_array_equal(np.load(art.parent / "out.npy"), expect)
+
+
+def _pyenv():
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in ("TVM_USE_RUNTIME_LIB",)}
+
+
+def test_session_metadata(built):
+    _, model, _, arts = built
+    s = rt.load(arts[4.25].path)
+    assert [i.name for i in s.inputs] == [i.name for i in model.graph.input]
+    assert [o.name for o in s.outputs] == [o.name for o in model.graph.output]
+    assert s.inputs[0].shape[0] == "batch"
