@@ -31,6 +31,7 @@ __all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups",
 
 ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
+PANEL_K = 512  # K extent of the dequantized weight panel in the GEMM path (t*512*4 B in L1/L2)
 OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
 
 
@@ -103,6 +104,7 @@ def _decoder(planes: tuple[int, ...]):
 def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
     code = _decoder(planes)
     kg, nt_, kb_, rb = k // g, n // t, g // 32, ROW_BLOCK
+    kc_ = g * max(d for d in range(1, kg + 1) if kg % d == 0 and g * d <= PANEL_K)
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
@@ -151,27 +153,35 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
                     for tt in T.vectorized(t):
                         y[r, nt * t + tt] = acc[tt]
             else:
-                for mb in range((m + rb - 1) // rb):
-                    acc = T.alloc_buffer((rb, t), "float32", scope="local")
-                    wd = T.alloc_buffer((g, t), "float32", scope="local")
-                    for rr in T.unroll(rb):
-                        for tt in T.vectorized(t):
-                            acc[rr, tt] = T.float32(0)
-                    for gi in range(kg):
+                # GEMM: dequantize a [KC, t] panel of the tile once (L1), reuse it for every row block
+                wd = T.alloc_buffer((kc_, t), "float32", scope="local")
+                acc = T.alloc_buffer((rb, t), "float32", scope="local")
+                for kc in range(k // kc_):
+                    for gl in range(kc_ // g):
                         for kb in range(kb_):
                             for i in T.unroll(32):
                                 for tt in T.vectorized(t):
-                                    wd[kb * 32 + i, tt] = T.Cast(
-                                        "float32", code(ws, nt, gi * kb_ + kb, i, tt)
-                                    ) * T.Cast("float32", s[nt, gi, tt]) + T.Cast("float32", z[nt, gi, tt])
-                        for kk in range(g):
+                                    wd[gl * g + kb * 32 + i, tt] = T.Cast(
+                                        "float32", code(ws, nt, (kc * kc_ + gl * g) // 32 + kb, i, tt)
+                                    ) * T.Cast("float32", s[nt, kc * (kc_ // g) + gl, tt]) + T.Cast(
+                                        "float32", z[nt, kc * (kc_ // g) + gl, tt]
+                                    )
+                    for mb in range((m + rb - 1) // rb):
+                        for rr in T.unroll(rb):
+                            for tt in T.vectorized(t):
+                                acc[rr, tt] = T.float32(0)
+                        for kk in range(kc_):
                             for rr in T.unroll(rb):
                                 for tt in T.vectorized(t):
-                                    acc[rr, tt] = acc[rr, tt] + x[T.min(mb * rb + rr, m - 1), gi * g + kk] * wd[kk, tt]
-                    for rr in range(rb):
-                        if mb * rb + rr < m:
-                            for tt in T.vectorized(t):
-                                y[mb * rb + rr, nt * t + tt] = acc[rr, tt]
+                                    acc[rr, tt] = acc[rr, tt] + x[T.min(mb * rb + rr, m - 1), kc * kc_ + kk] * wd[kk, tt]
+                        for rr in range(rb):
+                            if mb * rb + rr < m:
+                                if kc == 0:
+                                    for tt in T.vectorized(t):
+                                        y[mb * rb + rr, nt * t + tt] = acc[rr, tt]
+                                else:
+                                    for tt in T.vectorized(t):
+                                        y[mb * rb + rr, nt * t + tt] = y[mb * rb + rr, nt * t + tt] + acc[rr, tt]
 
     return kernel
 
