@@ -111,7 +111,7 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
-        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE})
+        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
         m = T.int64()
         x = T.match_buffer(x_h, (m, k), "float32")
         w0 = T.match_buffer(w0_h, (nt_, k * p0 // 32, t), "uint32")
@@ -216,4 +216,5 @@ def im2col(c: int, h: int, w: int, ks, st, pads, dil):
     sch = s_tir.Schedule(func)
     row, col = sch.get_loops(sch.get_sblock("cols"))
     sch.parallel(row)
-    return sch.mod["main"].without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+    func = sch.mod["main"].without_attr("global_symbol")
+    return func.with_attr("op_pattern", OPAQUE).with_attr("tirx.is_scheduled", True)
