@@ -253,6 +253,23 @@ class OrtMatmul:
 # -- the benchmark -------------------------------------------------------------------------------------
 
 
+def source_info() -> dict:
+    """The commit benchmarked, and whether the kernel sources differ from it."""
+    import subprocess  # noqa: PLC0415
+
+    root = Path(__file__).resolve().parent.parent
+
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    dirty = git("status", "--porcelain", "--", "targets", "passes")
+    return {"git_commit": git("rev-parse", "HEAD"), "kernels_modified": bool(dirty) if dirty is not None else None}
+
+
 def machine_info() -> dict:
     import tvm  # noqa: PLC0415
 
@@ -428,6 +445,7 @@ def run_benchmark(quick: bool = False) -> dict:
             "through an IO binding; ratios = other_ms / ms (>1: this row faster); random normal "
             "weights (std 0.02) and inputs, seed 0; rel_err_vs_fp32 = ||y - x@W.T|| / ||x@W.T||"
         ),
+        "source": source_info(),
         "machine": machine,
         "rows": rows,
         "summary": summarize(rows),

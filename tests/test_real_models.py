@@ -73,10 +73,10 @@ class Builds:
     def __getitem__(self, bpw: float) -> Build:
         if bpw not in self._builds:
             result = compile_model(self.path, self._tmp / f"{self.name}-{bpw}.qcm", CompileOptions(target="x86", bpw=bpw))
-            log.info("%s bpw %s: compiled in %.1f s (%s), achieved %.4f bpw, %d tensors quantized",
-                        self.name, bpw, sum(result.seconds.values()),
-                        ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
-                        result.manifest["bpw"]["achieved"], len(result.manifest["tensors"]))
+            log.info("%s bpw %s: compiled in %.1f s (%s), achieved %.4f bpw, %d tensors quantized, "
+                     "sqrt(sum rel_error) %.4g", self.name, bpw, sum(result.seconds.values()),
+                     ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
+                     result.manifest["bpw"]["achieved"], len(result.manifest["tensors"]), _predicted(result))
             outputs = rt.load(result.path).run(None, self.feeds)
             fake = None if result.manifest["bpw"]["float_weights"] else \
                 _ort(with_decoded_weights(self.model, result.path), self.feeds)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 
 from tvm import s_tir, tirx
+from tvm.error import InternalError
 from tvm.s_tir import dlight as dl
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
@@ -38,7 +39,7 @@ class ParallelSpatial(dl.ScheduleRule):
             changed = False
             for info in infos:
                 changed |= self._schedule_block(sch, info)
-        except (s_tir.ScheduleError, tirx.TVMError if hasattr(tirx, "TVMError") else RuntimeError) as e:
+        except (s_tir.ScheduleError, InternalError) as e:
             log.debug("ParallelSpatial: %s", e)
             return None
         return sch if changed else None
