@@ -32,8 +32,20 @@ class NodeArg:
     shape: tuple
 
 
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def _import_tvm_runtime():
-    """Import TVM with its runtime library only (unless the process already imported TVM)."""
+    """Import TVM with its runtime library only (unless the process already imported TVM).
+
+    TVM's thread pool reads ``TVM_NUM_THREADS`` when it starts (at the first parallel kernel) and
+    otherwise uses half the hardware threads; unless the user set it, use every CPU we may run on.
+    """
+    os.environ.setdefault("TVM_NUM_THREADS", str(_usable_cpus()))
     before = os.environ.get("TVM_USE_RUNTIME_LIB")
     os.environ["TVM_USE_RUNTIME_LIB"] = "1"
     try:
