@@ -24,10 +24,12 @@ def write_artifact(
     manifest: dict,
     params: dict[str, np.ndarray],
     build_module: Callable[[str], None],
+    extra: dict[str, Callable[[dict], str]] | None = None,
 ) -> Path:
     """Create ``out`` with module.so (written by ``build_module(path)``), params and manifest.
 
-    Nothing appears at ``out`` unless every step succeeds; an existing artifact there is replaced.
+    ``extra`` maps more file names to functions rendering them from the manifest.  Nothing appears at
+    ``out`` unless every step succeeds; an existing artifact there is replaced.
     """
     from safetensors.numpy import save_file  # noqa: PLC0415
 
@@ -38,7 +40,11 @@ def write_artifact(
         build_module(str(tmp / MODULE))
         save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp / PARAMS))
         manifest = dict(manifest, format_version=FORMAT_VERSION)
-        manifest["files"] = {name: sha256_file(tmp / name) for name in (MODULE, PARAMS)}
+        names = [MODULE, PARAMS]
+        for name, render in (extra or {}).items():  # derived text files (report.html): hashed too
+            (tmp / name).write_text(render(manifest))
+            names.append(name)
+        manifest["files"] = {name: sha256_file(tmp / name) for name in names}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         old = None
         if out.exists():

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 import time
 from collections.abc import Callable
@@ -15,14 +18,18 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.passes.allocate import AllocationError, allocate
+from qcompile.passes.calibrate import CalibrationStats, calibrate, model_hash
 from qcompile.passes.formats import PRESETS, WeightFormat
-from qcompile.passes.measure import measure_rtn
+from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
 from qcompile.passes.quantizable import DEFAULT_MIN_WEIGHTS, QuantTarget, find_quantizable
 from qcompile.passes.quantize import QuantizePass, QuantRecord
 from qcompile.runtime.errors import QCompileError
+from qcompile.runtime.manifest import sha256_file
 
 from .artifact import write_artifact
+from .calibdata import load_samples
 from .frontend import load_onnx
+from .report_html import html_report
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "FLOAT_BPW"]
 
@@ -40,6 +47,13 @@ class CompileOptions:
     bpw: float = 4.25
     min_weights: int = DEFAULT_MIN_WEIGHTS
     overrides: list[tuple[str, str]] = field(default_factory=list)  # (regex, format name or bits)
+    calib: str | None = None  # calibration data: a .txt/.npy/.npz file or "random"; None: no calibration
+    tokenizer: str | None = None  # tokenizer.json for .txt calibration (default: beside the model)
+    calib_samples: int = 32
+    calib_seq_len: int = 128
+    gptq: bool = True  # with calibration: GPTQ (else RTN with an imatrix-weighted clip search)
+    head_bits: int | None = None  # the output projection at this width, outside the --bpw average
+    workdir: str | Path | None = None  # stats and measurements, reused across runs
 
 
 @dataclass
@@ -51,40 +65,129 @@ class CompileResult:
     seconds: dict[str, float]
 
 
-def _override_format(spec: str, shape) -> WeightFormat:
+def _format_for_bits(spec: str, shape, what: str) -> WeightFormat:
     if spec in PRESETS:
+        if not PRESETS[spec].supports(shape):
+            raise QCompileError(f"{what}: format {spec} does not fit a weight of shape [N, K] = {list(shape)}")
         return PRESETS[spec]
     if spec.isdigit():
         fits = [f for f in PRESETS.values() if f.bits == int(spec) and f.supports(shape)]
         if fits:
             return max(fits, key=lambda f: f.group_size)
-    raise QCompileError(f"--override: {spec!r} is not a format ({', '.join(PRESETS)}) or bit width fitting {shape}")
+    raise QCompileError(f"{what}: {spec!r} is not a format ({', '.join(PRESETS)}) or a bit width "
+                        f"(2, 3, 4, 5, 6, 8) fitting [N, K] = {list(shape)}")
 
 
-def _plan(targets: list[QuantTarget], weights, opts: CompileOptions, progress: Progress | None):
-    fixed: dict[str, WeightFormat] = {}
-    for pattern, spec in opts.overrides:
-        rx = re.compile(pattern)
-        for t in targets:
-            if rx.search(t.name) and t.name not in fixed:
-                fixed[t.name] = _override_format(spec, t.shape)
-                log.info("override %s -> %s (by %r)", t.name, fixed[t.name].name, pattern)
-    free = [t for t in targets if t.name not in fixed]
-    choices = measure_rtn(free, weights, progress=(lambda i: progress("measure", i, len(free))) if progress else None)
-    total = sum(t.n_weights for t in targets)
-    fixed_bits = sum(fixed[t.name].storage_bits(t.shape).total for t in targets if t.name in fixed)
-    plan = dict(fixed)
-    if free:
-        free_weights = sum(t.n_weights for t in free)
-        budget = Fraction(str(opts.bpw)) * total - fixed_bits
-        if budget <= 0:
-            raise QCompileError(f"--bpw {opts.bpw}: the overrides alone use {fixed_bits / total:.3f} bpw")
-        try:
-            alloc = allocate(choices, opts.bpw if not fixed else budget / free_weights)
-        except AllocationError as e:
-            raise QCompileError(f"--bpw {opts.bpw}: {e}") from e
-        plan.update({name: PRESETS[f] for name, f in alloc.choices.items()})
-    return plan
+def _work_dir(opts: CompileOptions, mhash: str) -> Path:
+    if opts.workdir is not None:
+        return Path(opts.workdir)
+    root = Path(os.environ.get("QCOMPILE_CACHE") or Path.home() / ".cache" / "qcompile")
+    return root / "work" / mhash
+
+
+def _file_digest(spec: str | None) -> str | None:
+    if spec is None or spec == "random":
+        return spec
+    path = Path(spec)
+    if not path.is_file():
+        raise QCompileError(f"--calib {spec}: no such file (give a .txt, .npy or .npz file, or 'random')")
+    return sha256_file(path)
+
+
+def _heads(model: ir.Model, targets: list[QuantTarget]) -> set[str]:
+    """Targets whose consumer produces a graph output (the output projection / classifier head)."""
+    outputs = {v.name for v in model.graph.outputs}
+    heads = set()
+    for t in targets:
+        node = model.graph.initializers[t.name].uses()[0].node
+        if any(o.name in outputs for o in node.outputs):
+            heads.add(t.name)
+    return heads
+
+
+class _Pipeline:
+    """One compile: the steps share the model, the targets and the work directory."""
+
+    def __init__(self, model_path, opts: CompileOptions, progress: Progress | None):
+        self.opts, self.progress, self.model_path = opts, progress, Path(model_path)
+        self.proto = load_onnx(model_path)
+        self.model = ir.from_proto(self.proto)
+        self.targets = find_quantizable(self.model, opts.min_weights)
+        self.mhash = model_hash(self.proto)
+        self.work = _work_dir(opts, self.mhash)
+
+    def _tick(self, step: str, total: int):
+        return (lambda i: self.progress(step, i, total)) if self.progress else None
+
+    def weight(self, t: QuantTarget) -> np.ndarray:
+        return t.matrix(self.model.graph.initializers[t.name].const_value.numpy())
+
+    def stats(self) -> tuple[CalibrationStats | None, str | None]:
+        o = self.opts
+        if o.calib is None:
+            return None, None
+        key = hashlib.sha256(json.dumps([_file_digest(o.calib), _file_digest(o.tokenizer), o.calib_samples,
+                                         o.calib_seq_len, o.min_weights]).encode()).hexdigest()[:16]
+        path = self.work / f"stats-{key}.npz"
+        if path.is_file():
+            log.info("reusing calibration stats %s", path)
+            return CalibrationStats.load(path, self.mhash), key
+        samples = load_samples(o.calib, self.proto, model_path=self.model_path, n_samples=o.calib_samples,
+                               seq_len=o.calib_seq_len, tokenizer=o.tokenizer)
+        stats = calibrate(self.proto, self.targets, samples, progress=self._tick("calibrate", len(samples)))
+        stats.save(path)
+        return stats, key
+
+    def measurement(self, free: list[QuantTarget], quantizer, stats_key) -> list:
+        key = {"model": self.mhash, "stats": stats_key, "gptq": self.opts.gptq, "rows": MEASURE_ROWS,
+               "tensors": [t.name for t in free]}
+        path = self.work / f"measurement-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+        table = load_table(path, key)
+        if table is not None:
+            log.info("reusing measurement %s", path)
+            return table
+        table = measure(free, self.weight, quantizer, progress=self._tick("measure", len(free)))
+        save_table(path, key, table)
+        return table
+
+    def plan(self, quantizer, stats_key) -> tuple[dict[str, WeightFormat], set[str], dict]:
+        opts, targets = self.opts, self.targets
+        fixed: dict[str, WeightFormat] = {}
+        heads: set[str] = set()
+        if opts.head_bits is not None:
+            heads = _heads(self.model, targets)
+            for name in sorted(heads):
+                t = next(t for t in targets if t.name == name)
+                fixed[name] = _format_for_bits(str(opts.head_bits), t.shape, "--head-bits")
+                log.info("head %s -> %s (--head-bits, outside the bpw average)", name, fixed[name].name)
+        for pattern, spec in opts.overrides:
+            try:
+                rx = re.compile(pattern)
+            except re.error as e:
+                raise QCompileError(f"--override {pattern!r}: not a regular expression ({e})") from e
+            for t in targets:
+                if rx.search(t.name) and t.name not in fixed:
+                    fixed[t.name] = _format_for_bits(spec, t.shape, f"--override {pattern}={spec}")
+                    log.info("override %s -> %s (by %r)", t.name, fixed[t.name].name, pattern)
+        free = [t for t in targets if t.name not in fixed]
+        table = self.measurement(free, quantizer, stats_key) if free else []
+        body = [t for t in targets if t.name not in heads]
+        total = sum(t.n_weights for t in body)
+        fixed_bits = sum(fixed[t.name].storage_bits(t.shape).total for t in body if t.name in fixed)
+        plan = dict(fixed)
+        if free:
+            budget = Fraction(str(opts.bpw)) * total - fixed_bits
+            if budget <= 0:
+                raise QCompileError(f"--bpw {opts.bpw}: the overrides alone use {fixed_bits / total:.3f} bpw")
+            free_weights = sum(t.n_weights for t in free)
+            try:
+                alloc = allocate(table, opts.bpw if len(free) == len(body) else budget / free_weights)
+            except AllocationError as e:
+                raise QCompileError(f"{self.model_path}: --bpw {opts.bpw}: {e}") from e
+            plan.update({name: PRESETS[f] for name, f in alloc.choices.items()})
+        candidates = {c.name: [{"format": x.format_name, "bits": x.bits, "error": x.error}
+                               for x in c.candidates] for c in table}
+        return plan, heads, candidates
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
@@ -95,43 +198,42 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     spec = resolve_target(opts.target)
-    if not (0 < opts.bpw):
+    if not opts.bpw > 0:
         raise QCompileError(f"--bpw {opts.bpw}: must be a positive number of bits per weight")
-    proto = load_onnx(model_path)
-    model = ir.from_proto(proto)
-    targets = find_quantizable(model, opts.min_weights)
-    if not targets:
+    run = _Pipeline(model_path, opts, progress)
+    if not run.targets:
         log.warning("%s: no weight is large enough to quantize; compiling with float weights", model_path)
     seconds["load"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    weights = {}
-
-    def weight(t: QuantTarget) -> np.ndarray:
-        return t.matrix(model.graph.initializers[t.name].const_value.numpy())
-
     float_weights = opts.bpw >= FLOAT_BPW
-    plan = {} if float_weights else _plan(targets, weight, opts, progress)
+    t0 = time.perf_counter()
+    stats, stats_key = (None, None) if float_weights else run.stats()
+    seconds["calibrate"] = time.perf_counter() - t0
+    quantizer = make_quantizer(stats, opts.gptq)
+
+    t0 = time.perf_counter()
+    plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key)
     seconds["allocate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    qpass = QuantizePass(targets, plan,
-                         progress=(lambda i: progress("quantize", i, len(plan))) if progress else None)
-    qpass(model)
-    qproto = ir.to_proto(model)
+    qpass = QuantizePass(run.targets, plan, quantizer=quantizer, progress=run._tick("quantize", len(plan)))
+    qpass(run.model)
+    qproto = ir.to_proto(run.model)
     seconds["quantize"] = time.perf_counter() - t0
-    del weights
 
     t0 = time.perf_counter()
     backend = X86Target(spec)
     lowered = backend.lower(qproto)
     seconds["lower"] = time.perf_counter() - t0
 
-    manifest = _manifest(proto, spec, opts, qpass.records, targets, lowered, float_weights)
+    manifest = _manifest(run.proto, spec, opts, qpass.records, run.targets, lowered, float_weights,
+                         heads=heads, candidates=candidates,
+                         error_measure=error_measure_name(stats, opts.gptq))
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)
-    path = write_artifact(out, manifest, lowered.params, lambda p: backend.build(lowered.mod, p))
+    path = write_artifact(out, manifest, lowered.params, lambda p: backend.build(lowered.mod, p),
+                          extra={"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")})
     if progress:
         progress("build", 1, 1)
     seconds["build"] = time.perf_counter() - t0
@@ -146,13 +248,16 @@ def _value_info(v: onnx.ValueInfoProto) -> dict:
     return {"name": v.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), "shape": dims}
 
 
-def _manifest(proto, spec, opts, records: list[QuantRecord], targets, lowered, float_weights: bool) -> dict:
+def _manifest(proto, spec, opts, records: list[QuantRecord], targets, lowered, float_weights: bool, *,
+              heads: set[str], candidates: dict, error_measure: str) -> dict:
     import tvm  # noqa: PLC0415
 
     from qcompile.compiler import __version__  # noqa: PLC0415
 
-    qbits = sum(r.storage.total for r in records)
-    qweights = sum(int(np.prod(r.onnx_shape)) for r in records)
+    body = [r for r in records if r.name not in heads]
+    head = [r for r in records if r.name in heads]
+    qbits = sum(r.storage.total for r in body)
+    qweights = sum(int(np.prod(r.onnx_shape)) for r in body)
     if float_weights:
         fbits = sum(t.n_weights * 32 for t in targets)
         achieved = 32.0 if targets else 0.0
@@ -178,7 +283,10 @@ def _manifest(proto, spec, opts, records: list[QuantRecord], targets, lowered, f
             "quantized_weights": qweights,
             "storage_bits": qbits,
             "file_bits_per_param": param_bits / n_params if n_params else 0.0,
+            "head": {"tensors": [r.name for r in head], "weights": sum(int(np.prod(r.onnx_shape)) for r in head),
+                     "storage_bits": sum(r.storage.total for r in head)},
         },
+        "error_measure": error_measure,
         "tensors": [
             {
                 "name": r.name,
@@ -193,6 +301,8 @@ def _manifest(proto, spec, opts, records: list[QuantRecord], targets, lowered, f
                                  "zeros": r.storage.zeros, "total": r.storage.total},
                 "params": list(r.initializers),
                 "rel_error": r.rel_error,
+                "head": r.name in heads,
+                "candidates": candidates.get(r.name, []),
             }
             for r in records
         ],

@@ -1,50 +1,118 @@
 """Measure each quantizable tensor's error in every format that fits it (the allocator's input).
 
-The error here is the weight-space proxy ||W - Q(W)||_F^2 / ||W||_F^2, measured on up to
-``rows`` evenly spaced output rows (the format's error is per-group, so a row sample is an unbiased
-estimate of the whole tensor's).  It is what a calibration-free compile can know; the calibrated
-H-weighted output error replaces it when activation statistics exist.
+Two measures, the better one that the available data allows:
+
+- **Calibrated** (``stats`` given): quantize with GPTQ using the layer's input Gram matrix H = XᵀX and
+  record the H-weighted relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ||X ΔWᵀ||² / ||X Wᵀ||²:
+  exactly the relative squared error of the layer's output on the calibration data, with no model run
+  (GPTQ minimizes this very quantity, so the measurement scores what quantization will deliver).
+  Its blind spot is interaction between layers (errors that cancel or compound through attention and
+  nonlinearities); EXL2 measures whole-block output error for that, which qcompile does not do yet.
+- **Uncalibrated**: round-to-nearest with the format's clip search and the relative weight error
+  ``||ΔW||² / ||W||²`` — what H = I would give.
+
+Rows are measured on a deterministic sample of up to ``rows`` output channels: GPTQ treats rows
+independently given H, so the sample's error is an unbiased estimate of the whole tensor's.  The table
+is plain data (JSON) so a new ``--bpw`` re-runs only allocation (like EXL2's measurement.json).
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import tempfile
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import numpy as np
 
 from .allocate import Candidate, TensorChoices
-from .formats import formats_for
+from .calibrate import CalibrationStats
+from .formats import QuantizedWeight, WeightFormat, formats_for
+from .gptq import gptq_quantize, h_error
 from .quantizable import QuantTarget
+from .quantize import Quantizer, rtn_quantizer
 
-__all__ = ["measure_rtn"]
+__all__ = ["measure", "measure_rtn", "make_quantizer", "error_measure_name",
+           "save_table", "load_table", "MEASURE_ROWS"]
 
 log = logging.getLogger(__name__)
 
+MEASURE_ROWS = 256
+TABLE_FORMAT = 1
 
-def measure_rtn(
+def error_measure_name(stats: CalibrationStats | None, gptq: bool) -> str:
+    if stats is None:
+        return "RTN relative weight error ||dW||^2/||W||^2"
+    return f"{'GPTQ' if gptq else 'RTN'} H-weighted relative output error tr(dW H dW^T)/tr(W H W^T)"
+
+
+def make_quantizer(stats: CalibrationStats | None, gptq: bool = True) -> Quantizer:
+    """The quantizer of a run: GPTQ on the calibration H where there is one, else RTN."""
+
+    def quantize(t: QuantTarget, fmt: WeightFormat, w: np.ndarray) -> tuple[QuantizedWeight, float]:
+        ts = stats.tensors.get(t.name) if stats is not None else None
+        if ts is None:
+            return rtn_quantizer(t, fmt, w)
+        q = gptq_quantize(w, ts.H, fmt) if gptq else fmt.quantize(w, importance=ts.sq)
+        return q, h_error(w, q.dequantize(), ts.H)
+
+    return quantize
+
+
+def _sample_rows(w: np.ndarray, rows: int) -> np.ndarray:
+    n = w.shape[0]
+    return w[np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))]
+
+
+def measure(
     targets: Sequence[QuantTarget],
     weights: Callable[[QuantTarget], np.ndarray],
-    rows: int = 128,
+    quantizer: Quantizer,
+    rows: int = MEASURE_ROWS,
     progress: Callable[[int], None] | None = None,
 ) -> list[TensorChoices]:
-    """One :class:`TensorChoices` per target: exact storage bits and RTN error of each format.
-
-    ``weights(target)`` returns the target's [N, K] float32 matrix.
-    """
+    """One :class:`TensorChoices` per target: exact storage bits and measured error of each format."""
     out = []
     for i, t in enumerate(targets):
-        w = weights(t)
-        n = w.shape[0]
-        sample = w[np.unique(np.linspace(0, n - 1, min(rows, n)).astype(np.int64))]
-        norm = float(np.sum(sample.astype(np.float64) ** 2)) or 1.0
-        cands = []
-        for fmt in formats_for(t.shape):
-            deq = fmt.quantize(sample).dequantize()
-            err = float(np.sum((sample.astype(np.float64) - deq) ** 2)) / norm
-            cands.append(Candidate(fmt.name, fmt.storage_bits(t.shape).total, err))
-        out.append(TensorChoices(t.name, t.n_weights, tuple(cands)))
+        sample = _sample_rows(weights(t), rows)
+        cands = tuple(Candidate(fmt.name, fmt.storage_bits(t.shape).total, quantizer(t, fmt, sample)[1])
+                      for fmt in formats_for(t.shape))
+        out.append(TensorChoices(t.name, t.n_weights, cands))
         if progress:
             progress(i + 1)
     log.info("measured %d tensors x %d formats", len(out), max((len(c.candidates) for c in out), default=0))
     return out
+
+
+def measure_rtn(targets, weights, rows: int = 128, progress=None) -> list[TensorChoices]:
+    """Uncalibrated measurement (RTN, relative weight error)."""
+    return measure(targets, weights, make_quantizer(None), rows=rows, progress=progress)
+
+
+def save_table(path: str | Path, key: dict, tensors: list[TensorChoices]) -> None:
+    """Write the measurement table (JSON, atomically); ``key`` says what it was measured on."""
+    path = Path(path)
+    data = {"format": TABLE_FORMAT, "key": key, "tensors": [
+        {"name": t.name, "n_weights": t.n_weights,
+         "candidates": [{"format": c.format_name, "bits": c.bits, "error": c.error} for c in t.candidates]}
+        for t in tensors]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f)
+    os.replace(tmp, path)
+
+
+def load_table(path: str | Path, key: dict) -> list[TensorChoices] | None:
+    """The table at ``path`` if it was measured with the same ``key``, else None."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if data.get("format") != TABLE_FORMAT or data.get("key") != key:
+        return None
+    return [TensorChoices(t["name"], t["n_weights"], tuple(Candidate(c["format"], c["bits"], c["error"])
+                                                            for c in t["candidates"]))
+            for t in data["tensors"]]

@@ -18,10 +18,12 @@ import numpy as np
 import onnx_ir as ir
 
 from . import qops
-from .formats import StorageBits, WeightFormat
+from .formats import QuantizedWeight, StorageBits, WeightFormat
 from .quantizable import QuantTarget
 
-__all__ = ["QuantizePass", "QuantRecord"]
+Quantizer = Callable[[QuantTarget, WeightFormat, np.ndarray], tuple[QuantizedWeight, float]]
+
+__all__ = ["QuantizePass", "QuantRecord", "Quantizer", "rtn_quantizer"]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,14 @@ class QuantRecord:
     storage: StorageBits
     initializers: tuple[str, ...]
     rel_error: float
+    """The error of the stored weight in the run's error measure (see :mod:`.measure`)."""
+
+
+def rtn_quantizer(t: QuantTarget, fmt: WeightFormat, w: np.ndarray) -> tuple[QuantizedWeight, float]:
+    """Round-to-nearest (the format's clip search); error = relative weight error ||dW||^2 / ||W||^2."""
+    q = fmt.quantize(w)
+    err = float(np.sum((w.astype(np.float64) - q.dequantize()) ** 2))
+    return q, err / max(float(np.sum(w.astype(np.float64) ** 2)), 1e-30)
 
 
 class QuantizePass(ir.passes.InPlacePass):
@@ -48,12 +58,14 @@ class QuantizePass(ir.passes.InPlacePass):
         self,
         targets: list[QuantTarget],
         plan: Mapping[str, WeightFormat],
+        quantizer: Quantizer | None = None,
         keep_dequantized: bool = False,
         progress: Callable[[int], None] | None = None,
     ):
         super().__init__()
         self.targets = [t for t in targets if t.name in plan]
         self.plan = plan
+        self.quantizer = quantizer or rtn_quantizer
         self.keep_dequantized = keep_dequantized
         self.progress = progress
         self.records: list[QuantRecord] = []
@@ -75,11 +87,9 @@ class QuantizePass(ir.passes.InPlacePass):
     def _rewrite(self, graph: ir.Graph, node: ir.Node, t: QuantTarget, fmt: WeightFormat) -> None:
         wvalue = node.inputs[1]
         w = t.matrix(wvalue.const_value.numpy())
-        q = fmt.quantize(w)
-        deq = q.dequantize()
-        err = float(np.sum((w.astype(np.float64) - deq) ** 2) / max(np.sum(w.astype(np.float64) ** 2), 1e-30))
+        q, err = self.quantizer(t, fmt, w)
         if self.keep_dequantized:
-            self.dequantized[t.name] = deq
+            self.dequantized[t.name] = q.dequantize()
         arrays = {f"{t.name}.q{i}": p for i, p in enumerate(fmt.pack(q.codes))}
         arrays[f"{t.name}.scales"] = q.scales
         arrays[f"{t.name}.zeros"] = q.zeros
