@@ -3,6 +3,7 @@
     qcompile MODEL.onnx --target x86 --bpw 4.25 -o OUT.qcm     (also: qcompile compile ...)
     qcompile info OUT.qcm [--json]
     qcompile run OUT.qcm --input NAME=FILE.npy ... [-o DIR]
+    qcompile report OUT.qcm [--html FILE]
 
 Exit status: 0 success, 2 bad input (model, flag, artifact) with a one-paragraph message, 1 internal error.
 """
@@ -20,7 +21,7 @@ from qcompile.runtime.errors import QCompileError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("compile", "info", "run")
+SUBCOMMANDS = ("compile", "info", "run", "report")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,6 +64,18 @@ def _parser() -> argparse.ArgumentParser:
                    help="smallest weight (elements) to quantize (default 16384)")
     c.add_argument("--override", type=_override, action="append", default=[], metavar="REGEX=BITS",
                    help="force a format for weights whose name matches (repeatable)")
+    c.add_argument("--head-bits", type=int, default=None, metavar="BITS",
+                   help="quantize the output projection at this width, outside the --bpw average")
+    c.add_argument("--calib", default=None, metavar="FILE",
+                   help="calibration data: text (.txt, with a tokenizer), .npy/.npz arrays, or 'random'; "
+                        "enables GPTQ and the measured (H-weighted) allocation")
+    c.add_argument("--tokenizer", default=None, help="tokenizer.json for --calib text (default: beside the model)")
+    c.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
+    c.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample (default 128)")
+    c.add_argument("--no-gptq", action="store_true", help="with --calib: round to nearest instead of GPTQ")
+    c.add_argument("--workdir", default=None,
+                   help="where calibration stats and measurements are kept and reused "
+                        "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     i = sub.add_parser("info", help="describe an artifact")
     i.add_argument("artifact")
@@ -71,6 +84,9 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("artifact")
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("-o", "--output-dir", default=None, help="write outputs as NAME.npy here")
+    rp = sub.add_parser("report", help="bits and error per layer, as a table and an HTML page")
+    rp.add_argument("artifact")
+    rp.add_argument("--html", default=None, help="write the HTML report here (default: ARTIFACT.report.html)")
     return p
 
 
@@ -78,7 +94,9 @@ def _cmd_compile(args, console) -> int:
     from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
 
     opts = CompileOptions(target=args.target, bpw=16.0 if args.float else args.bpw,
-                          overrides=list(args.override))
+                          overrides=list(args.override), head_bits=args.head_bits, calib=args.calib,
+                          tokenizer=args.tokenizer, calib_samples=args.calib_samples,
+                          calib_seq_len=args.seq_len, gptq=not args.no_gptq, workdir=args.workdir)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights
     out = Path(args.output)
@@ -97,11 +115,29 @@ def _cmd_compile(args, console) -> int:
                 bar.update(tasks[step], completed=done)
 
             result = compile_model(args.model, out, opts, progress=progress)
-    from qcompile.compiler.report import summary_lines  # noqa: PLC0415
+    from qcompile.compiler.report import summary_lines, tensor_table  # noqa: PLC0415
 
     for line in summary_lines(result.manifest):
         console.print(line, highlight=False)
-    console.print(f"wrote {result.path} in {sum(result.seconds.values()):.1f} s", highlight=False)
+    if result.manifest["tensors"]:
+        console.print(tensor_table(result.manifest))
+    console.print(f"wrote {result.path} in {sum(result.seconds.values()):.1f} s "
+                  f"(report: {result.path / 'report.html'})", highlight=False)
+    return EXIT_OK
+
+
+def _cmd_report(args, console) -> int:
+    from qcompile.compiler.report import summary_lines, tensor_table  # noqa: PLC0415
+    from qcompile.compiler.report_html import html_report  # noqa: PLC0415
+    from qcompile.runtime.manifest import read_manifest  # noqa: PLC0415
+
+    manifest = read_manifest(args.artifact)
+    for line in summary_lines(manifest):
+        console.print(line, highlight=False)
+    console.print(tensor_table(manifest))
+    out = Path(args.html) if args.html else Path(str(Path(args.artifact)).rstrip("/") + ".report.html")
+    out.write_text(html_report(manifest, f"qcompile: {Path(args.artifact).name}"))
+    console.print(f"HTML report: {out}", highlight=False)
     return EXIT_OK
 
 
@@ -162,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console  # noqa: PLC0415
 
     console = Console()
-    handler = {"compile": _cmd_compile, "info": _cmd_info, "run": _cmd_run}[args.command]
+    handler = {"compile": _cmd_compile, "info": _cmd_info, "run": _cmd_run, "report": _cmd_report}[args.command]
     try:
         return handler(args, console)
     except QCompileError as e:
