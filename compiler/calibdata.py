@@ -190,6 +190,8 @@ def _encode(path: Path, tokenizer: Path) -> np.ndarray:
         tok = Tokenizer.from_file(str(tokenizer))
     except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
         raise CalibrationDataError(f"{tokenizer}: not a readable Hugging Face tokenizer.json ({e})") from e
+    tok.no_truncation()  # a tokenizer.json often truncates to the model's length: we cut windows ourselves
+    tok.no_padding()
     text = path.read_text(encoding="utf-8", errors="replace")
     return np.asarray(tok.encode(text, add_special_tokens=False).ids, dtype=np.int64)
 

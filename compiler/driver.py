@@ -18,7 +18,7 @@ import onnx
 import onnx_ir as ir
 
 from qcompile.passes.allocate import AllocationError, allocate
-from qcompile.passes.calibrate import CalibrationStats, calibrate, model_hash
+from qcompile.passes.calibrate import CalibrationError, CalibrationStats, calibrate, model_hash
 from qcompile.passes.formats import PRESETS, WeightFormat
 from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
 from qcompile.passes.quantizable import DEFAULT_MIN_WEIGHTS, QuantTarget, find_quantizable
@@ -130,11 +130,18 @@ class _Pipeline:
                                          o.calib_seq_len, o.min_weights]).encode()).hexdigest()[:16]
         path = self.work / f"stats-{key}.npz"
         if path.is_file():
-            log.info("reusing calibration stats %s", path)
-            return CalibrationStats.load(path, self.mhash), key
+            try:
+                stats = CalibrationStats.load(path, self.mhash)
+                log.info("reusing calibration stats %s", path)
+                return stats, key
+            except CalibrationError as e:
+                log.warning("recalibrating: cached stats unusable (%s)", e)
         samples = load_samples(o.calib, self.proto, model_path=self.model_path, n_samples=o.calib_samples,
                                seq_len=o.calib_seq_len, tokenizer=o.tokenizer)
-        stats = calibrate(self.proto, self.targets, samples, progress=self._tick("calibrate", len(samples)))
+        try:
+            stats = calibrate(self.proto, self.targets, samples, progress=self._tick("calibrate", len(samples)))
+        except CalibrationError as e:
+            raise QCompileError(f"{self.model_path}: --calib {o.calib}: {e}") from e
         stats.save(path)
         return stats, key
 
