@@ -138,11 +138,14 @@ def _split(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputSpec], n
         if a.ndim == rank + 1:  # axis 0 lists whole feeds
             runs = [a[i] for i in range(a.shape[0])]
         elif a.ndim == rank and rank > 0:  # axis 0 is the model's batch axis: split it into runs
-            batch = inp.dims[0] if isinstance(inp.dims[0], int) and inp.dims[0] > 0 else 1
-            if a.shape[0] % batch:
-                raise CalibrationDataError(f"{path}: input {inp.name!r} has a fixed batch of {batch}; found "
-                                           f"{a.shape[0]} rows, not a multiple of it")
-            runs = [a[i:i + batch] for i in range(0, a.shape[0], batch)]
+            if isinstance(inp.dims[0], int) and inp.dims[0] > 0:
+                batch = inp.dims[0]
+                if a.shape[0] % batch:
+                    raise CalibrationDataError(f"{path}: input {inp.name!r} has a fixed batch of {batch}; "
+                                               f"found {a.shape[0]} rows, not a multiple of it")
+                runs = [a[i:i + batch] for i in range(0, a.shape[0], batch)]
+            else:  # a symbolic batch: every row is used, in n_samples runs
+                runs = [r for r in np.array_split(a, min(n_samples, a.shape[0])) if len(r)]
         else:
             raise CalibrationDataError(
                 f"{path}: input {inp.name!r} expects {inp.describe()} (rank {rank}); found shape {list(a.shape)}: "

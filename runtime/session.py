@@ -7,16 +7,18 @@ code — the manifest's version, target and every file hash are checked.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import platform
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ArtifactError, QCompileError
-from .manifest import MODULE, PARAMS, read_manifest, verify_files
+from .manifest import MODULE, PARAMS, read_manifest, sha256_file, verify_files
 
 __all__ = ["load", "Session", "NodeArg"]
 
@@ -101,7 +103,7 @@ class Session:
         tvm, vm = _import_tvm_runtime()
         self._tvm = tvm
         self._dev = tvm.cpu(0)
-        lib = tvm.runtime.load_module(str(root / MODULE))
+        lib = self._load_library(tvm, root / MODULE, self.manifest["files"][MODULE])
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
         self._params = self._load_params(root / PARAMS)
@@ -109,6 +111,24 @@ class Session:
         self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
         log.info("loaded %s: %d inputs, %d outputs, %d params", root, len(self.inputs),
                  len(self.outputs), len(self._params))
+
+    @staticmethod
+    def _load_library(tvm, path: Path, digest: str):
+        """Load ``module.so`` from a private copy named by its hash.
+
+        The dynamic loader caches libraries by path: a recompiled artifact at the same path would run
+        the old code in a process that loaded it before.  The copy is re-hashed after it is written, so
+        what is loaded is exactly what was checked.
+        """
+        data = path.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
+            raise ArtifactError(f"{path}: changed while it was being loaded; recompile or copy it again")
+        with tempfile.TemporaryDirectory(prefix="qcompile-") as tmp:
+            private = Path(tmp) / f"module-{digest[:16]}.so"
+            private.write_bytes(data)
+            if sha256_file(private) != digest:
+                raise ArtifactError(f"{path}: the private copy does not match its hash")
+            return tvm.runtime.load_module(str(private))
 
     def _load_params(self, path: Path) -> list:
         from safetensors.numpy import load_file  # noqa: PLC0415

@@ -119,3 +119,15 @@ def test_session_metadata(built):
     assert [i.name for i in s.inputs] == [i.name for i in model.graph.input]
     assert [o.name for o in s.outputs] == [o.name for o in model.graph.output]
     assert s.inputs[0].shape[0] == "batch"
+
+
+def test_recompiled_artifact_at_the_same_path_runs_the_new_code(tmp_path):
+    """The dynamic loader caches libraries by path; the runtime must load what the manifest names."""
+    model = mlp_model(seed=5)
+    path = save(model, tmp_path / "m.onnx")
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    for spec in ("q3g64", "q4g128"):  # different kernels (two planes, then one) at the same path
+        art = compile_model(path, tmp_path / "same.qcm", CompileOptions(bpw=9, overrides=[(".*", spec)])).path
+        got = rt.load(art).run(None, {"x": x})[0]
+        fake = _ort(with_decoded_weights(model, art), {"x": x})[0]
+        np.testing.assert_allclose(got, fake, rtol=1e-4, atol=2e-4 * np.abs(fake).max())
