@@ -73,6 +73,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
     c.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample (default 128)")
     c.add_argument("--no-gptq", action="store_true", help="with --calib: round to nearest instead of GPTQ")
+    c.add_argument("--no-awq", action="store_true",
+                   help="with --calib: no activation-aware scaling of input channels (folded into producers)")
     c.add_argument("--workdir", default=None,
                    help="where calibration stats and measurements are kept and reused "
                         "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
@@ -96,7 +98,8 @@ def _cmd_compile(args, console) -> int:
     opts = CompileOptions(target=args.target, bpw=16.0 if args.float else args.bpw,
                           overrides=list(args.override), head_bits=args.head_bits, calib=args.calib,
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
-                          calib_seq_len=args.seq_len, gptq=not args.no_gptq, workdir=args.workdir)
+                          calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq=not args.no_awq,
+                          workdir=args.workdir)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights
     out = Path(args.output)

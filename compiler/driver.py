@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ from qcompile.passes.allocate import AllocationError, allocate
 from qcompile.passes.calibrate import CalibrationError, CalibrationStats, calibrate, model_hash
 from qcompile.passes.formats import PRESETS, WeightFormat
 from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
+from qcompile.passes.outliers import DEFAULT_FORMAT as AWQ_FORMAT
+from qcompile.passes.outliers import ActivationScalePass, scaled_stats
 from qcompile.passes.quantizable import DEFAULT_MIN_WEIGHTS, QuantTarget, find_quantizable
 from qcompile.passes.quantize import QuantizePass, QuantRecord
 from qcompile.runtime.errors import QCompileError
@@ -52,6 +55,7 @@ class CompileOptions:
     calib_samples: int = 32
     calib_seq_len: int = 128
     gptq: bool = True  # with calibration: GPTQ (else RTN with an imatrix-weighted clip search)
+    awq: bool = True  # with calibration: activation-aware per-channel scaling folded into producers
     head_bits: int | None = None  # the output projection at this width, outside the --bpw average
     workdir: str | Path | None = None  # stats and measurements, reused across runs
 
@@ -145,6 +149,30 @@ class _Pipeline:
         stats.save(path)
         return stats, key
 
+    def outliers(self, stats: CalibrationStats, stats_key: str) -> tuple[CalibrationStats, dict, str]:
+        """AWQ scaling folded into the producers; scales are kept in the work dir and replayed."""
+        # one search format for every --bpw, so that a new --bpw reuses the scales and the measurement
+        fmt = AWQ_FORMAT
+        path = self.work / f"awq-{stats_key}-{fmt.name}.npz"
+        cached = None
+        if path.is_file():
+            with np.load(path, allow_pickle=False) as z:
+                cached = {k: z[k] for k in z.files}
+            log.info("replaying %d activation scales from %s", len(cached), path)
+        awq = ActivationScalePass(self.targets, stats, fmt, scales=cached)
+        awq(self.model)
+        if cached is None:
+            fd, tmp = tempfile.mkstemp(dir=self.work, prefix=f".{path.name}.", suffix=".tmp")
+            with os.fdopen(fd, "wb") as f:
+                np.savez(f, **awq.scales)
+            os.replace(tmp, path)
+        digest = hashlib.sha256(b"".join(k.encode() + np.ascontiguousarray(v).tobytes()
+                                         for k, v in sorted(awq.scales.items()))).hexdigest()[:16]
+        report = {a: {"producer": r.producer, "consumers": list(r.consumers), "alpha": r.alpha,
+                      "error_before": r.error_before, "error_after": r.error_after}
+                  for a, r in awq.report.items()}
+        return scaled_stats(stats, awq.scales), report, digest
+
     def measurement(self, free: list[QuantTarget], quantizer, stats_key) -> list:
         key = {"model": self.mhash, "stats": stats_key, "gptq": self.opts.gptq, "rows": MEASURE_ROWS,
                "tensors": [t.name for t in free]}
@@ -216,6 +244,12 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     t0 = time.perf_counter()
     stats, stats_key = (None, None) if float_weights else run.stats()
     seconds["calibrate"] = time.perf_counter() - t0
+    outliers: dict = {}
+    if stats is not None and opts.awq:
+        t0 = time.perf_counter()
+        stats, outliers, awq_digest = run.outliers(stats, stats_key)
+        stats_key = f"{stats_key}-awq-{awq_digest}"
+        seconds["outliers"] = time.perf_counter() - t0
     quantizer = make_quantizer(stats, opts.gptq)
 
     t0 = time.perf_counter()
@@ -236,6 +270,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     manifest = _manifest(run.proto, spec, opts, qpass.records, run.targets, lowered, float_weights,
                          heads=heads, candidates=candidates,
                          error_measure=error_measure_name(stats, opts.gptq))
+    manifest["outliers"] = {"activation_scaling": outliers}
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)

@@ -15,6 +15,8 @@ producer of ``a`` is rewritten to emit a' = a S⁻¹, so the float model compute
     MatMul(x, B), B [K_prev, K]                       B[:, k] ← B[:, k] / s_k
     Gemm(x, B, C)                                     output columns of B and C divided by s
     Add(MatMul/Gemm(x, B), bias)                      both of the above
+    Mul(u, v), u and v activations                    the producer of u or v, by these rules
+                                                      (gated MLP: act(gate) * up, up_proj absorbs s)
 
 Only activations whose every consumer is a quantizable MatMul/Gemm reading it as ``A`` (or Shape/Size,
 which see only the shape) are scaled; anything else (an activation function in between, a residual, a
@@ -75,6 +77,7 @@ _DEAD_FLOOR = 1e-2  # absmean is floored at this fraction of its mean before s =
 
 _DEFAULT_DOMAINS = ("", "ai.onnx")
 _NORMS = {"LayerNormalization": (1, 2), "RMSNormalization": (1,)}  # op -> inputs holding γ (and β)
+_MAX_DEPTH = 2  # nested products of activations looked through for a factor that absorbs s
 _SHAPE_ONLY = {"Shape", "Size"}  # consumers that read only the shape, which scaling keeps
 _FLOATS = {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
 
@@ -323,8 +326,12 @@ class ActivationScalePass(ir.passes.InPlacePass):
 # -- producers -------------------------------------------------------------------------------------
 
 
-def _producer_edits(a: ir.Value, k: int) -> tuple[str, list[_Edit]] | str:
-    """(description, edits that divide ``a``'s channels by s) or why the producer cannot absorb s."""
+def _producer_edits(a: ir.Value, k: int, depth: int = 0) -> tuple[str, list[_Edit]] | str:
+    """(description, edits that divide ``a``'s channels by s) or why the producer cannot absorb s.
+
+    For a = u * v (two activations), the factor whose own producer can absorb s does (``depth`` bounds
+    that search).
+    """
     node = a.producer()
     if node is None:
         return "it is a graph input" if a.is_graph_input() else "it has no producer"
@@ -345,10 +352,22 @@ def _producer_edits(a: ir.Value, k: int) -> tuple[str, list[_Edit]] | str:
         return op, edits
     if op == "Mul":
         consts = [v for v in node.inputs if v is not None and v.is_initializer()]
-        if len(consts) != 1:
-            return f"Mul {node.name!r} has {len(consts)} initializer inputs (need exactly one γ)"
-        why = _own_initializer(consts[0], k, -1)
-        return f"Mul {node.name!r}: {why}" if why else ("Mul", [_Edit(consts[0], -1, -1)])
+        if len(consts) == 1:
+            why = _own_initializer(consts[0], k, -1)
+            return f"Mul {node.name!r}: {why}" if why else ("Mul", [_Edit(consts[0], -1, -1)])
+        if consts or depth >= _MAX_DEPTH:
+            return f"Mul {node.name!r} has {len(consts)} initializer inputs and no factor to absorb s"
+        # A product of two activations (gated MLP: act(gate) * up): a factor used only here may absorb s.
+        reasons = []
+        for v in node.inputs:
+            if v is None or len(v.uses()) != 1 or v.is_graph_output():
+                reasons.append(f"{getattr(v, 'name', None)} is used elsewhere")
+                continue
+            inner = _producer_edits(v, k, depth + 1)
+            if not isinstance(inner, str):
+                return f"Mul({inner[0]})", inner[1]
+            reasons.append(inner)
+        return f"Mul {node.name!r}: neither factor can absorb s ({'; '.join(reasons)})"
     if op in ("MatMul", "Gemm"):
         edits = _linear_edits(node, k)
         return edits if isinstance(edits, str) else (op, edits)

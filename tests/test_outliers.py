@@ -65,6 +65,19 @@ chain (float[batch, {K}] x) => (float[batch, 128] y) {{
 """
 
 
+GATED = f"""
+<ir_version: 9, opset_import: ["" : 17]>
+gated (float[batch, 128] x) => (float[batch, 128] y) {{
+    g = MatMul(x, Wg)
+    u = MatMul(x, Wu)
+    sg = Sigmoid(g)
+    act = Mul(g, sg)
+    h = Mul(act, u)
+    y = MatMul(h, Wd)
+}}
+"""
+
+
 def _model(text: str, arrays: dict[str, np.ndarray]) -> onnx.ModelProto:
     model = onnx.parser.parse_model(text)
     for name, a in arrays.items():
@@ -110,10 +123,19 @@ def chain_model(trans_b: int, seed=3) -> onnx.ModelProto:
                   _weights(rng, W1=(K, K), b1=(K,), W2=(K, K), W3=(K, K), c3=(K,), W4=(K, 128)))
 
 
-def _feeds(proto: onnx.ModelProto, n: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """``n`` samples of standard normal inputs: [96, K] for rank-2 inputs, [3, 64, K] for rank 3."""
+def gated_model(seed=4) -> onnx.ModelProto:
+    """SwiGLU MLP: down(silu(gate(x)) * up(x)) with K = 256 for down."""
     rng = np.random.default_rng(seed)
-    shapes = {i.name: (96, K) if len(i.type.tensor_type.shape.dim) == 2 else (3, 64, K) for i in proto.graph.input}
+    return _model(GATED, _weights(rng, Wg=(128, K), Wu=(128, K), Wd=(K, 128)))
+
+
+def _feeds(proto: onnx.ModelProto, n: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """``n`` samples of standard normal inputs: [96, C] for rank-2 inputs, [3, 64, C] for rank 3."""
+    rng = np.random.default_rng(seed)
+    shapes = {}
+    for i in proto.graph.input:
+        dims = i.type.tensor_type.shape.dim
+        shapes[i.name] = (96, dims[-1].dim_value) if len(dims) == 2 else (3, 64, dims[-1].dim_value)
     return [{name: rng.standard_normal(shape).astype(np.float32) for name, shape in shapes.items()}
             for _ in range(n)]
 
@@ -152,6 +174,7 @@ CASES = {
     "RMSNormalization": (rmsnorm_model, {"n": "RMSNormalization"}),
     "Mul(xn, gamma)": (lambda: mul_gamma_model("Mul(xn, gamma)"), {"n": "Mul"}),
     "Mul(gamma, xn)": (lambda: mul_gamma_model("Mul(gamma, xn)"), {"n": "Mul"}),
+    "gated MLP": (gated_model, {"h": "Mul(MatMul)"}),
     "chain Gemm transB=0": (lambda: chain_model(0), {"a1": "Add(MatMul)", "h2": "MatMul", "g": "Gemm"}),
     "chain Gemm transB=1": (lambda: chain_model(1), {"a1": "Add(MatMul)", "h2": "MatMul", "g": "Gemm"}),
 }
