@@ -32,6 +32,7 @@ from qcompile.runtime.manifest import sha256_file
 from .artifact import write_artifact
 from .calibdata import load_samples
 from .frontend import load_onnx
+from .manifest_build import build_manifest
 from .report_html import html_report
 
 __all__ = ["CompileOptions", "CompileResult", "compile_model", "FLOAT_BPW"]
@@ -267,7 +268,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     lowered = backend.lower(qproto)
     seconds["lower"] = time.perf_counter() - t0
 
-    manifest = _manifest(run.proto, spec, opts, qpass.records, run.targets, lowered, float_weights,
+    manifest = build_manifest(run.proto, spec, opts, qpass.records, run.targets, lowered, float_weights,
                          heads=heads, candidates=candidates,
                          error_measure=error_measure_name(stats, opts.gptq))
     manifest["outliers"] = {"activation_scaling": outliers}
@@ -282,70 +283,3 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     log.info("compiled %s -> %s: %.4f bpw (target %s) in %.1f s", model_path, path,
              manifest["bpw"]["achieved"], opts.bpw, sum(seconds.values()))
     return CompileResult(path, manifest, qpass.records, qproto, seconds)
-
-
-def _value_info(v: onnx.ValueInfoProto) -> dict:
-    tt = v.type.tensor_type
-    dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or "?") for d in tt.shape.dim]
-    return {"name": v.name, "dtype": str(onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type)), "shape": dims}
-
-
-def _manifest(proto, spec, opts, records: list[QuantRecord], targets, lowered, float_weights: bool, *,
-              heads: set[str], candidates: dict, error_measure: str) -> dict:
-    import tvm  # noqa: PLC0415
-
-    from qcompile.compiler import __version__  # noqa: PLC0415
-
-    body = [r for r in records if r.name not in heads]
-    head = [r for r in records if r.name in heads]
-    qbits = sum(r.storage.total for r in body)
-    qweights = sum(int(np.prod(r.onnx_shape)) for r in body)
-    if float_weights:
-        fbits = sum(t.n_weights * 32 for t in targets)
-        achieved = 32.0 if targets else 0.0
-        qbits, qweights = fbits, sum(t.n_weights for t in targets)
-    else:
-        achieved = qbits / qweights if qweights else 0.0
-    param_bits = sum(a.nbytes * 8 for a in lowered.params.values())
-    n_params = sum(int(np.prod(r.onnx_shape)) for r in records) + sum(
-        a.size for n, a in lowered.params.items() if not any(n in r.initializers for r in records))
-    return {
-        "qcompile_version": __version__,
-        "tvm_version": tvm.__version__,
-        "model": {"producer": proto.producer_name, "opset": max((o.version for o in proto.opset_import
-                                                                  if o.domain in ("", "ai.onnx")), default=0)},
-        "target": spec.to_manifest(),
-        "inputs": [_value_info(v) for v in proto.graph.input],
-        "outputs": [_value_info(v) for v in proto.graph.output],
-        "params": lowered.param_names,
-        "bpw": {
-            "target": opts.bpw,
-            "achieved": achieved,
-            "float_weights": float_weights,
-            "quantized_weights": qweights,
-            "storage_bits": qbits,
-            "file_bits_per_param": param_bits / n_params if n_params else 0.0,
-            "head": {"tensors": [r.name for r in head], "weights": sum(int(np.prod(r.onnx_shape)) for r in head),
-                     "storage_bits": sum(r.storage.total for r in head)},
-        },
-        "error_measure": error_measure,
-        "tensors": [
-            {
-                "name": r.name,
-                "op": r.op,
-                "onnx_shape": list(r.onnx_shape),
-                "shape": list(r.shape),
-                "onnx_layout": r.onnx_layout,
-                "format": r.format.name,
-                "bits": r.format.bits,
-                "group_size": r.format.group_size,
-                "storage_bits": {"codes": r.storage.codes, "scales": r.storage.scales,
-                                 "zeros": r.storage.zeros, "total": r.storage.total},
-                "params": list(r.initializers),
-                "rel_error": r.rel_error,
-                "head": r.name in heads,
-                "candidates": candidates.get(r.name, []),
-            }
-            for r in records
-        ],
-    }
