@@ -35,7 +35,7 @@ from .frontend import load_onnx
 from .manifest_build import build_manifest
 from .report_html import html_report
 
-__all__ = ["CompileOptions", "CompileResult", "compile_model", "FLOAT_BPW"]
+__all__ = ["CompileOptions", "CompileResult", "Quantized", "compile_model", "quantize_model", "FLOAT_BPW"]
 
 log = logging.getLogger(__name__)
 
@@ -226,16 +226,28 @@ class _Pipeline:
         return plan, heads, candidates
 
 
-def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
-                  progress: Progress | None = None) -> CompileResult:
-    from qcompile.targets import resolve_target  # noqa: PLC0415
-    from qcompile.targets.x86 import X86Target  # noqa: PLC0415
+@dataclass
+class Quantized:
+    """The quantized IR of a model and what the manifest says about it (before any target is involved)."""
 
-    seconds: dict[str, float] = {}
-    t0 = time.perf_counter()
-    spec = resolve_target(opts.target)
+    proto: onnx.ModelProto  # the float model as loaded
+    qproto: onnx.ModelProto  # qcompile's quantized IR (valid ONNX with qcompile-domain ops)
+    targets: list[QuantTarget]
+    records: list[QuantRecord]
+    heads: set[str]
+    candidates: dict
+    outliers: dict
+    error_measure: str
+    float_weights: bool
+    seconds: dict[str, float]
+
+
+def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progress | None = None) -> Quantized:
+    """Load, calibrate, scale outliers, measure, allocate and quantize: the target-independent half."""
     if not opts.bpw > 0:
         raise QCompileError(f"--bpw {opts.bpw}: must be a positive number of bits per weight")
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
     run = _Pipeline(model_path, opts, progress)
     if not run.targets:
         log.warning("%s: no weight is large enough to quantize; compiling with float weights", model_path)
@@ -262,16 +274,27 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     qpass(run.model)
     qproto = ir.to_proto(run.model)
     seconds["quantize"] = time.perf_counter() - t0
+    return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates, outliers,
+                     error_measure_name(stats, opts.gptq), float_weights, seconds)
 
+
+def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
+                  progress: Progress | None = None) -> CompileResult:
+    """The whole compile: :func:`quantize_model`, then lower, build and write the artifact."""
+    from qcompile.targets import resolve_target  # noqa: PLC0415
+    from qcompile.targets.x86 import X86Target  # noqa: PLC0415
+
+    spec = resolve_target(opts.target)
+    q = quantize_model(model_path, opts, progress)
+    seconds = dict(q.seconds)
     t0 = time.perf_counter()
     backend = X86Target(spec)
-    lowered = backend.lower(qproto)
+    lowered = backend.lower(q.qproto)
     seconds["lower"] = time.perf_counter() - t0
 
-    manifest = build_manifest(run.proto, spec, opts, qpass.records, run.targets, lowered, float_weights,
-                         heads=heads, candidates=candidates,
-                         error_measure=error_measure_name(stats, opts.gptq))
-    manifest["outliers"] = {"activation_scaling": outliers}
+    manifest = build_manifest(q.proto, spec, opts, q.records, q.targets, lowered, q.float_weights,
+                              heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
+    manifest["outliers"] = {"activation_scaling": q.outliers}
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)
@@ -282,4 +305,4 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     seconds["build"] = time.perf_counter() - t0
     log.info("compiled %s -> %s: %.4f bpw (target %s) in %.1f s", model_path, path,
              manifest["bpw"]["achieved"], opts.bpw, sum(seconds.values()))
-    return CompileResult(path, manifest, qpass.records, qproto, seconds)
+    return CompileResult(path, manifest, q.records, q.qproto, seconds)
