@@ -51,8 +51,10 @@ def _override(text: str) -> tuple[str, str]:
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="qcompile", description="Compile a float ONNX model into a quantized module.")
     p.add_argument("-v", "--verbose", action="count", default=0, help="log INFO (-v) or DEBUG (-vv)")
+    common = argparse.ArgumentParser(add_help=False)  # -v after the subcommand too
+    common.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS, help="log INFO (-v) or DEBUG (-vv)")
     sub = p.add_subparsers(dest="command", parser_class=_Parser)
-    c = sub.add_parser("compile", help="compile an ONNX model (the default command)")
+    c = sub.add_parser("compile", parents=[common], help="compile an ONNX model (the default command)")
     c.add_argument("model", help="float ONNX model")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (.qcm)")
     c.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM target JSON")
@@ -79,14 +81,14 @@ def _parser() -> argparse.ArgumentParser:
                    help="where calibration stats and measurements are kept and reused "
                         "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
-    i = sub.add_parser("info", help="describe an artifact")
+    i = sub.add_parser("info", parents=[common], help="describe an artifact")
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the manifest as JSON")
-    r = sub.add_parser("run", help="run an artifact on .npy inputs")
+    r = sub.add_parser("run", parents=[common], help="run an artifact on .npy inputs")
     r.add_argument("artifact")
     r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
     r.add_argument("-o", "--output-dir", default=None, help="write outputs as NAME.npy here")
-    rp = sub.add_parser("report", help="bits and error per layer, as a table and an HTML page")
+    rp = sub.add_parser("report", parents=[common], help="bits and error per layer, as a table and an HTML page")
     rp.add_argument("artifact")
     rp.add_argument("--html", default=None, help="write the HTML report here (default: ARTIFACT.report.html)")
     return p
