@@ -111,13 +111,7 @@ def gptq_quantize(
     started = time.perf_counter()
 
     dead = diag == 0
-    order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
-    rev = order[::-1]
-    h_rev = np.asarray(H, dtype=np.float64)[np.ix_(rev, rev)]  # H in reversed processing order, a copy
-    h_rev[dead[rev], dead[rev]] = 1.0
-    r, used_damp = _reversed_cholesky(h_rev, damp)
-    del h_rev
-    r_diag = np.diag(r).copy()
+    order, r, r_diag, used_damp = _factor(H, diag, dead, damp, act_order)
 
     g = fmt.group_size
     group = order // g
@@ -155,6 +149,29 @@ def gptq_quantize(
         fmt.name, n, k, time.perf_counter() - started, act_order, used_damp, int(dead.sum()),
     )
     return QuantizedWeight(fmt, codes, static.scales, static.zeros)
+
+
+_FACTORS: list[tuple[np.ndarray, float, bool, tuple]] = []
+_FACTOR_CACHE = 4  # a measurement quantizes one tensor in ~18 formats with the same H: factor it once
+
+
+def _factor(H: np.ndarray, diag: np.ndarray, dead: np.ndarray, damp: float, act_order: bool):
+    """(order, R, diag(R), damp used) for H; the last few are cached by identity of H (never by value)."""
+    for h, d, a, result in _FACTORS:
+        if h is H and d == damp and a == act_order:
+            return result
+    k = H.shape[0]
+    order = np.argsort(-diag, kind="stable") if act_order else np.arange(k)
+    rev = order[::-1]
+    h_rev = np.asarray(H, dtype=np.float64)[np.ix_(rev, rev)]  # H in reversed processing order, a copy
+    h_rev[dead[rev], dead[rev]] = 1.0
+    r, used_damp = _reversed_cholesky(h_rev, damp)
+    del h_rev
+    result = (order, r, np.diag(r).copy(), used_damp)
+    if not H.flags.writeable:  # only immutable H (calibration stats) can be recognised again safely
+        _FACTORS.insert(0, (H, damp, act_order, result))
+        del _FACTORS[_FACTOR_CACHE:]
+    return result
 
 
 def _reversed_cholesky(h_rev: np.ndarray, damp: float) -> tuple[np.ndarray, float]:
