@@ -205,6 +205,8 @@ class _Pipeline:
                 if rx.search(t.name) and t.name not in fixed:
                     fixed[t.name] = _format_for_bits(spec, t.shape, f"--override {pattern}={spec}")
                     log.info("override %s -> %s (by %r)", t.name, fixed[t.name].name, pattern)
+        if opts.bpw >= FLOAT_BPW:  # float weights, but for the explicit overrides
+            return fixed, heads, {}
         free = [t for t in targets if t.name not in fixed]
         table = self.measurement(free, quantizer, stats_key) if free else []
         body = [t for t in targets if t.name not in heads]
@@ -253,7 +255,7 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
         log.warning("%s: no weight is large enough to quantize; compiling with float weights", model_path)
     seconds["load"] = time.perf_counter() - t0
 
-    float_weights = opts.bpw >= FLOAT_BPW
+    float_weights = opts.bpw >= FLOAT_BPW and not opts.overrides and opts.head_bits is None
     t0 = time.perf_counter()
     stats, stats_key = (None, None) if float_weights else run.stats()
     seconds["calibrate"] = time.perf_counter() - t0
@@ -267,6 +269,7 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
 
     t0 = time.perf_counter()
     plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key)
+    float_weights = float_weights or not plan
     seconds["allocate"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()

@@ -147,3 +147,11 @@ def test_quantized_ir_decodes_to_what_the_module_computes(built):
     fake = _ort(decoded, feeds)[0]
     got = rt.load(art.path).run(None, feeds)[0]
     np.testing.assert_allclose(got, fake, rtol=1e-4, atol=2e-4 * np.abs(fake).max())
+
+
+def test_overrides_apply_with_float_weights(tmp_path):
+    """--bpw 16 keeps weights float except those an --override names (uniform-format builds)."""
+    path = save(mlp_model(seed=6), tmp_path / "m.onnx")
+    r = compile_model(path, tmp_path / "u.qcm", CompileOptions(bpw=16, overrides=[("W[12]", "q4g128")]))
+    assert {t["name"]: t["format"] for t in r.manifest["tensors"]} == {"W1": "q4g128", "W2": "q4g128"}
+    assert r.manifest["bpw"]["achieved"] == 4.25 and r.manifest["bpw"]["float_weights"] is False
