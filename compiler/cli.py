@@ -198,8 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help(sys.stderr)
         return EXIT_USAGE
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # -v is about qcompile's own steps, not the chatter of the libraries it drives
+    logging.getLogger("qcompile").setLevel([logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)])
     from rich.console import Console  # noqa: PLC0415
 
     console = Console()
