@@ -66,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="smallest weight (elements) to quantize (default 16384)")
     c.add_argument("--override", type=_override, action="append", default=[], metavar="REGEX=BITS",
                    help="force a format for weights whose name matches (repeatable)")
+    c.add_argument("--keep-float", action="append", default=[], metavar="REGEX",
+                   help="weights whose name matches stay float (repeatable)")
     c.add_argument("--head-bits", type=int, default=None, metavar="BITS",
                    help="quantize the output projection at this width, outside the --bpw average")
     c.add_argument("--calib", default=None, metavar="FILE",
@@ -98,7 +100,8 @@ def _cmd_compile(args, console) -> int:
     from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
 
     opts = CompileOptions(target=args.target, bpw=16.0 if args.float else args.bpw,
-                          overrides=list(args.override), head_bits=args.head_bits, calib=args.calib,
+                          overrides=list(args.override), keep_float=list(args.keep_float),
+                          head_bits=args.head_bits, calib=args.calib,
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq=not args.no_awq,
                           workdir=args.workdir)

@@ -51,6 +51,7 @@ class CompileOptions:
     bpw: float = 4.25
     min_weights: int = DEFAULT_MIN_WEIGHTS
     overrides: list[tuple[str, str]] = field(default_factory=list)  # (regex, format name or bits)
+    keep_float: list[str] = field(default_factory=list)  # regexes of weights that stay float
     calib: str | None = None  # calibration data: a .txt/.npy/.npz file or "random"; None: no calibration
     tokenizer: str | None = None  # tokenizer.json for .txt calibration (default: beside the model)
     calib_samples: int = 32
@@ -118,6 +119,14 @@ class _Pipeline:
         self.proto = load_onnx(model_path)
         self.model = ir.from_proto(self.proto)
         self.targets = find_quantizable(self.model, opts.min_weights)
+        for pattern in opts.keep_float:
+            try:
+                rx = re.compile(pattern)
+            except re.error as e:
+                raise QCompileError(f"--keep-float {pattern!r}: not a regular expression ({e})") from e
+            kept = [t.name for t in self.targets if rx.search(t.name)]
+            log.info("--keep-float %r: %s stay float", pattern, kept)
+            self.targets = [t for t in self.targets if t.name not in kept]
         self.mhash = model_hash(self.proto)
         self.work = _work_dir(opts, self.mhash)
 
@@ -132,7 +141,7 @@ class _Pipeline:
         if o.calib is None:
             return None, None
         key = hashlib.sha256(json.dumps([_file_digest(o.calib), _file_digest(o.tokenizer), o.calib_samples,
-                                         o.calib_seq_len, o.min_weights]).encode()).hexdigest()[:16]
+                                         o.calib_seq_len, sorted(t.name for t in self.targets)]).encode()).hexdigest()[:16]
         path = self.work / f"stats-{key}.npz"
         if path.is_file():
             try:

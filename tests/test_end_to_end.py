@@ -155,3 +155,10 @@ def test_overrides_apply_with_float_weights(tmp_path):
     r = compile_model(path, tmp_path / "u.qcm", CompileOptions(bpw=16, overrides=[("W[12]", "q4g128")]))
     assert {t["name"]: t["format"] for t in r.manifest["tensors"]} == {"W1": "q4g128", "W2": "q4g128"}
     assert r.manifest["bpw"]["achieved"] == 4.25 and r.manifest["bpw"]["float_weights"] is False
+
+
+def test_keep_float_leaves_matching_weights_unquantized(tmp_path):
+    path = save(mlp_model(seed=7), tmp_path / "m.onnx")
+    r = compile_model(path, tmp_path / "k.qcm", CompileOptions(bpw=4.25, keep_float=["^W3$"]))
+    assert sorted(t["name"] for t in r.manifest["tensors"]) == ["W1", "W2"]
+    assert r.manifest["bpw"]["achieved"] <= 4.25

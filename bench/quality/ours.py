@@ -14,6 +14,7 @@ export keeps the tied embedding/head in float (Gather and an Identity-routed hea
 from __future__ import annotations
 
 import logging
+import re
 import time
 
 import numpy as np
@@ -47,12 +48,22 @@ def _check_compiled(ctx: Context, options, ref_logits_fn) -> str:
         return f"x86 build check failed: {type(e).__name__}: {str(e)[:200]}"
 
 
+def _head_weight(path) -> str:
+    """The initializer the export routes through ``keep_head_float`` (the tied head stays float)."""
+    import onnx
+
+    proto = onnx.load(str(path), load_external_data=False)
+    node = next(n for n in proto.graph.node if n.name == "keep_head_float")
+    return node.input[0]
+
+
 def qcompile_rows(ctx: Context) -> list[Row]:
     from qcompile.compiler.driver import CompileOptions, quantize_model
     from qcompile.passes.reference import decode_to_float
 
     from .ort import session_logits_fn
 
+    head = _head_weight(ctx.float_onnx)
     calib = ctx.workdir / "qcompile-calib.npz"
     np.savez(calib, input_ids=ctx.calibration.astype(np.int64))
     work = ctx.workdir / "qcompile-work"
@@ -60,7 +71,8 @@ def qcompile_rows(ctx: Context) -> list[Row]:
     for bpw in TARGETS:
         t0 = time.perf_counter()
         options = CompileOptions(bpw=bpw, calib=str(calib), calib_samples=len(ctx.calibration),
-                                 calib_seq_len=ctx.calibration.shape[1], workdir=work)
+                                 calib_seq_len=ctx.calibration.shape[1], workdir=work,
+                                 keep_float=[f"^{re.escape(head)}$"])
         q = quantize_model(ctx.float_onnx, options)
         weights = sum(int(np.prod(r.onnx_shape)) for r in q.records)
         if weights != ctx.linear_weight_count:
