@@ -61,7 +61,8 @@ class QuantTarget:
         return np.ascontiguousarray(a.T if self.transpose else a)
 
 
-def _attr(node: ir.Node, name: str, default):
+def node_attr(node: ir.Node, name: str, default):
+    """The value of attribute ``name`` of ``node``, or ``default``."""
     a = node.attributes.get(name)
     return default if a is None else a.value
 
@@ -73,18 +74,18 @@ def _weight_slot(node: ir.Node) -> tuple[int, bool] | None:
     if node.op_type == "MatMul":
         return 1, True
     if node.op_type == "Gemm":
-        if _attr(node, "transA", 0) != 0 or _attr(node, "alpha", 1.0) != 1.0:
+        if node_attr(node, "transA", 0) != 0 or node_attr(node, "alpha", 1.0) != 1.0:
             log.debug("%s: Gemm with transA/alpha stays float", node.name)
             return None
-        if len(node.inputs) > 2 and node.inputs[2] is not None and _attr(node, "beta", 1.0) != 1.0:
+        if len(node.inputs) > 2 and node.inputs[2] is not None and node_attr(node, "beta", 1.0) != 1.0:
             log.debug("%s: Gemm with beta != 1 stays float", node.name)
             return None
-        return 1, not _attr(node, "transB", 0)
+        return 1, not node_attr(node, "transB", 0)
     if node.op_type == "Conv":
-        if _attr(node, "group", 1) != 1:
+        if node_attr(node, "group", 1) != 1:
             log.debug("%s: grouped/depthwise Conv stays float", node.name)
             return None
-        if _attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
+        if node_attr(node, "auto_pad", "NOTSET") not in ("NOTSET", b"NOTSET"):
             log.debug("%s: Conv with auto_pad stays float", node.name)
             return None
         return 1, False

@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from . import qops
 from .formats import QuantizedWeight, StorageBits, WeightFormat
-from .quantizable import QuantTarget
+from .quantizable import QuantTarget, node_attr as _attr
 
 Quantizer = Callable[[QuantTarget, WeightFormat, np.ndarray], tuple[QuantizedWeight, float]]
 
@@ -134,7 +134,3 @@ class QuantizePass(ir.passes.InPlacePass):
         self.records.append(QuantRecord(t.name, t.op, t.onnx_shape, t.shape, layout, fmt, storage,
                                         tuple(arrays), err))
 
-
-def _attr(node: ir.Node, name: str, default):
-    a = node.attributes.get(name)
-    return default if a is None else a.value
