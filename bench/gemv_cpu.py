@@ -26,12 +26,11 @@ only where ``--out`` is given. The full run writes ``bench/results/gemv_cpu.json
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
 import statistics
-import tempfile
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -43,6 +42,9 @@ from onnx import TensorProto, helper, numpy_helper
 
 from qcompile.passes.formats import PRESETS, WeightFormat
 from qcompile.targets.x86.kernels import dequant_matmul, tile_for, tile_groups, tile_planes
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.results_io import write_json  # noqa: E402
 
 __all__ = ["run_benchmark", "main"]
 
@@ -452,12 +454,6 @@ def run_benchmark(quick: bool = False) -> dict:
     }
 
 
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(f.name, path)
 
 
 def format_table(doc: dict) -> str:

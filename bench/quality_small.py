@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
-import json
 import logging
 import os
 import platform
@@ -78,6 +77,8 @@ _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # tests/models.py: the model helpers the slow tests use
     sys.path.insert(0, str(_REPO))
 from tests.models import cache_dir, mean_pool, minilm_dir, minilm_inputs, minilm_onnx  # noqa: E402
+
+from bench.results_io import write_json  # noqa: E402
 
 __all__ = ["run_benchmark", "main"]
 
@@ -498,12 +499,6 @@ def run_benchmark(quick: bool = False, models=MODELS) -> dict:
 # -- output -------------------------------------------------------------------------------------------------------
 
 
-def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, suffix=".tmp", delete=False) as f:
-        json.dump(doc, f, indent=1)
-        f.write("\n")
-    os.replace(f.name, path)
 
 
 def plot(doc: dict, path: Path) -> bool:
