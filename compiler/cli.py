@@ -79,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--no-gptq", action="store_true", help="with --calib: round to nearest instead of GPTQ")
     c.add_argument("--no-awq", action="store_true",
                    help="with --calib: no activation-aware scaling of input channels (folded into producers)")
+    c.add_argument("--no-salient", action="store_true",
+                   help="with --calib: no split formats (salient input channels stored at more bits)")
+    c.add_argument("--no-sensitivity", action="store_true",
+                   help="with --calib: allocate by layer error alone, without probing each layer's effect on "
+                        "the model's output")
+    c.add_argument("--sensitivity-samples", type=int, default=4,
+                   help="calibration samples each sensitivity probe runs on (default 4)")
     c.add_argument("--workdir", default=None,
                    help="where calibration stats and measurements are kept and reused "
                         "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
@@ -104,6 +111,7 @@ def _cmd_compile(args, console) -> int:
                           head_bits=args.head_bits, calib=args.calib,
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq=not args.no_awq,
+                          salient=not args.no_salient, sensitivity=not args.no_sensitivity, sensitivity_samples=args.sensitivity_samples,
                           workdir=args.workdir)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights

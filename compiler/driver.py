@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -18,14 +19,17 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from qcompile.passes.allocate import AllocationError, allocate
+from qcompile.passes.allocate import AllocationError, TensorChoices, allocate
 from qcompile.passes.calibrate import CalibrationError, CalibrationStats, calibrate, model_hash
-from qcompile.passes.formats import PRESETS, WeightFormat
+from qcompile.passes.formats import PRESETS
 from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
 from qcompile.passes.outliers import DEFAULT_FORMAT as AWQ_FORMAT
 from qcompile.passes.outliers import ActivationScalePass, scaled_stats
 from qcompile.passes.quantizable import DEFAULT_MIN_WEIGHTS, QuantTarget, find_quantizable
 from qcompile.passes.quantize import QuantizePass, QuantRecord
+from qcompile.passes.salient import SHARES, AnyFormat, SplitFormat, format_by_name
+from qcompile.passes.sensitivity import (PROBE_FORMAT, Sensitivity, load_sensitivity, measure_sensitivity,
+                                         save_sensitivity)
 from qcompile.runtime.errors import QCompileError
 from qcompile.runtime.manifest import sha256_file
 
@@ -58,6 +62,9 @@ class CompileOptions:
     calib_seq_len: int = 128
     gptq: bool = True  # with calibration: GPTQ (else RTN with an imatrix-weighted clip search)
     awq: bool = True  # with calibration: activation-aware per-channel scaling folded into producers
+    salient: bool = True  # with calibration: also measure split formats (salient input channels at more bits)
+    sensitivity: bool = True  # with calibration: weight each layer's error by its measured effect on the output
+    sensitivity_samples: int = 4  # calibration samples the sensitivity probes run on
     head_bits: int | None = None  # the output projection at this width, outside the --bpw average
     workdir: str | Path | None = None  # stats and measurements, reused across runs
 
@@ -71,17 +78,22 @@ class CompileResult:
     seconds: dict[str, float]
 
 
-def _format_for_bits(spec: str, shape, what: str) -> WeightFormat:
-    if spec in PRESETS:
-        if not PRESETS[spec].supports(shape):
+def _format_for_bits(spec: str, shape, what: str, op: str = "MatMul") -> AnyFormat:
+    if not spec.isdigit():
+        try:
+            fmt = format_by_name(spec)
+        except ValueError as e:
+            raise QCompileError(f"{what}: {e}") from None
+        if not fmt.supports(shape):
             raise QCompileError(f"{what}: format {spec} does not fit a weight of shape [N, K] = {list(shape)}")
-        return PRESETS[spec]
-    if spec.isdigit():
-        fits = [f for f in PRESETS.values() if f.bits == int(spec) and f.supports(shape)]
-        if fits:
-            return max(fits, key=lambda f: f.group_size)
-    raise QCompileError(f"{what}: {spec!r} is not a format ({', '.join(PRESETS)}) or a bit width "
-                        f"(2, 3, 4, 5, 6, 8) fitting [N, K] = {list(shape)}")
+        if isinstance(fmt, SplitFormat) and op == "Conv":
+            raise QCompileError(f"{what}: split format {spec} is for MatMul/Gemm weights, not Conv")
+        return fmt
+    fits = [f for f in PRESETS.values() if f.bits == int(spec) and f.supports(shape)]
+    if fits:
+        return max(fits, key=lambda f: f.group_size)
+    raise QCompileError(f"{what}: {spec!r} is not a format ({', '.join(PRESETS)}, or LO+HI/SHARE) or a bit "
+                        f"width (2, 3, 4, 5, 6, 8) fitting [N, K] = {list(shape)}")
 
 
 def _work_dir(opts: CompileOptions, mhash: str) -> Path:
@@ -129,12 +141,21 @@ class _Pipeline:
             self.targets = [t for t in self.targets if t.name not in kept]
         self.mhash = model_hash(self.proto)
         self.work = _work_dir(opts, self.mhash)
+        self._samples: list[dict] | None = None
 
     def _tick(self, step: str, total: int):
         return (lambda i: self.progress(step, i, total)) if self.progress else None
 
     def weight(self, t: QuantTarget) -> np.ndarray:
         return t.matrix(self.model.graph.initializers[t.name].const_value.numpy())
+
+    def samples(self) -> list[dict]:
+        """The calibration feeds (loaded once)."""
+        if self._samples is None:
+            o = self.opts
+            self._samples = load_samples(o.calib, self.proto, model_path=self.model_path,
+                                         n_samples=o.calib_samples, seq_len=o.calib_seq_len, tokenizer=o.tokenizer)
+        return self._samples
 
     def stats(self) -> tuple[CalibrationStats | None, str | None]:
         o = self.opts
@@ -150,8 +171,7 @@ class _Pipeline:
                 return stats, key
             except CalibrationError as e:
                 log.warning("recalibrating: cached stats unusable (%s)", e)
-        samples = load_samples(o.calib, self.proto, model_path=self.model_path, n_samples=o.calib_samples,
-                               seq_len=o.calib_seq_len, tokenizer=o.tokenizer)
+        samples = self.samples()
         try:
             stats = calibrate(self.proto, self.targets, samples, progress=self._tick("calibrate", len(samples)))
         except CalibrationError as e:
@@ -183,27 +203,47 @@ class _Pipeline:
                   for a, r in awq.report.items()}
         return scaled_stats(stats, awq.scales), report, digest
 
-    def measurement(self, free: list[QuantTarget], quantizer, stats_key) -> list:
+    def sensitivity(self, stats: CalibrationStats, stats_key: str) -> dict[str, Sensitivity]:
+        """Whole-model sensitivity of every target (:mod:`qcompile.passes.sensitivity`), cached."""
+        n = max(1, self.opts.sensitivity_samples)
+        key = {"model": self.mhash, "stats": stats_key, "samples": n, "probe": PROBE_FORMAT.name,
+               "tensors": [t.name for t in self.targets]}
+        path = self.work / f"sensitivity-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
+        table = load_sensitivity(path, key)
+        if table is not None:
+            log.info("reusing sensitivities %s", path)
+            return table
+        samples = self.samples()
+        picks = np.unique(np.linspace(0, len(samples) - 1, min(n, len(samples))).astype(int))
+        table = measure_sensitivity(ir.to_proto(self.model), self.targets, stats, [samples[i] for i in picks],
+                                    progress=self._tick("sensitivity", len(self.targets)))
+        save_sensitivity(path, key, table)
+        return table
+
+    def measurement(self, free: list[QuantTarget], quantizer, stats_key, stats) -> list:
+        salient = self.opts.salient and stats is not None
         key = {"model": self.mhash, "stats": stats_key, "gptq": self.opts.gptq, "rows": MEASURE_ROWS,
-               "tensors": [t.name for t in free]}
+               "tensors": [t.name for t in free], "salient": list(SHARES) if salient else []}
         path = self.work / f"measurement-{hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]}.json"
         table = load_table(path, key)
         if table is not None:
             log.info("reusing measurement %s", path)
             return table
-        table = measure(free, self.weight, quantizer, progress=self._tick("measure", len(free)))
+        table = measure(free, self.weight, quantizer, progress=self._tick("measure", len(free)),
+                        salient=lambda t: salient and t.name in stats.tensors)
         save_table(path, key, table)
         return table
 
-    def plan(self, quantizer, stats_key) -> tuple[dict[str, WeightFormat], set[str], dict]:
+    def plan(self, quantizer, stats_key, stats: CalibrationStats | None = None,
+             sensitivity: dict[str, Sensitivity] | None = None) -> tuple[dict[str, AnyFormat], set[str], dict]:
         opts, targets = self.opts, self.targets
-        fixed: dict[str, WeightFormat] = {}
+        fixed: dict[str, AnyFormat] = {}
         heads: set[str] = set()
         if opts.head_bits is not None:
             heads = _heads(self.model, targets)
             for name in sorted(heads):
                 t = next(t for t in targets if t.name == name)
-                fixed[name] = _format_for_bits(str(opts.head_bits), t.shape, "--head-bits")
+                fixed[name] = _format_for_bits(str(opts.head_bits), t.shape, "--head-bits", t.op)
                 log.info("head %s -> %s (--head-bits, outside the bpw average)", name, fixed[name].name)
         for pattern, spec in opts.overrides:
             try:
@@ -212,12 +252,12 @@ class _Pipeline:
                 raise QCompileError(f"--override {pattern!r}: not a regular expression ({e})") from e
             for t in targets:
                 if rx.search(t.name) and t.name not in fixed:
-                    fixed[t.name] = _format_for_bits(spec, t.shape, f"--override {pattern}={spec}")
+                    fixed[t.name] = _format_for_bits(spec, t.shape, f"--override {pattern}={spec}", t.op)
                     log.info("override %s -> %s (by %r)", t.name, fixed[t.name].name, pattern)
         if opts.bpw >= FLOAT_BPW:  # float weights, but for the explicit overrides
             return fixed, heads, {}
         free = [t for t in targets if t.name not in fixed]
-        table = self.measurement(free, quantizer, stats_key) if free else []
+        table = self.measurement(free, quantizer, stats_key, stats) if free else []
         body = [t for t in targets if t.name not in heads]
         total = sum(t.n_weights for t in body)
         fixed_bits = sum(fixed[t.name].storage_bits(t.shape).total for t in body if t.name in fixed)
@@ -227,14 +267,21 @@ class _Pipeline:
             if budget <= 0:
                 raise QCompileError(f"--bpw {opts.bpw}: the overrides alone use {fixed_bits / total:.3f} bpw")
             free_weights = sum(t.n_weights for t in free)
+            weighted = table if not sensitivity else [_weighted(c, sensitivity[c.name].sensitivity) for c in table]
             try:
-                alloc = allocate(table, opts.bpw if len(free) == len(body) else budget / free_weights)
+                alloc = allocate(weighted, opts.bpw if len(free) == len(body) else budget / free_weights)
             except AllocationError as e:
                 raise QCompileError(f"{self.model_path}: --bpw {opts.bpw}: {e}") from e
-            plan.update({name: PRESETS[f] for name, f in alloc.choices.items()})
+            plan.update({name: format_by_name(f) for name, f in alloc.choices.items()})
         candidates = {c.name: [{"format": x.format_name, "bits": x.bits, "error": x.error}
                                for x in c.candidates] for c in table}
         return plan, heads, candidates
+
+
+def _weighted(choices: TensorChoices, weight: float) -> TensorChoices:
+    """The choices with their errors in units of model output divergence (error x sensitivity)."""
+    return TensorChoices(choices.name, choices.n_weights,
+                         tuple(dataclasses.replace(c, error=c.error * weight) for c in choices.candidates))
 
 
 @dataclass
@@ -250,6 +297,7 @@ class Quantized:
     outliers: dict
     error_measure: str
     float_weights: bool
+    sensitivity: dict
     seconds: dict[str, float]
 
 
@@ -275,9 +323,14 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
         stats_key = f"{stats_key}-awq-{awq_digest}"
         seconds["outliers"] = time.perf_counter() - t0
     quantizer = make_quantizer(stats, opts.gptq)
+    sensitivity = None
+    if stats is not None and opts.sensitivity and opts.bpw < FLOAT_BPW and run.targets:
+        t0 = time.perf_counter()
+        sensitivity = run.sensitivity(stats, stats_key)
+        seconds["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key)
+    plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key, stats, sensitivity)
     float_weights = float_weights or not plan
     seconds["allocate"] = time.perf_counter() - t0
 
@@ -286,8 +339,12 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     qpass(run.model)
     qproto = ir.to_proto(run.model)
     seconds["quantize"] = time.perf_counter() - t0
+    measure_name = error_measure_name(stats, opts.gptq)
+    if sensitivity:
+        measure_name += " x whole-model sensitivity (output divergence per unit of it)"
+    sens = {k: dataclasses.asdict(v) for k, v in (sensitivity or {}).items()}
     return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates, outliers,
-                     error_measure_name(stats, opts.gptq), float_weights, seconds)
+                     measure_name, float_weights, sens, seconds)
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
@@ -307,6 +364,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     manifest = build_manifest(q.proto, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
     manifest["outliers"] = {"activation_scaling": q.outliers}
+    manifest["sensitivity"] = q.sensitivity
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)

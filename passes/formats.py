@@ -61,10 +61,16 @@ class StorageBits:
     codes: int
     scales: int
     zeros: int
+    index: int = 0
+    """Stored input-channel indices (split formats, :mod:`.salient`)."""
 
     @property
     def total(self) -> int:
-        return self.codes + self.scales + self.zeros
+        return self.codes + self.scales + self.zeros + self.index
+
+    def __add__(self, other: StorageBits) -> StorageBits:
+        return StorageBits(self.codes + other.codes, self.scales + other.scales, self.zeros + other.zeros,
+                           self.index + other.index)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,12 +60,13 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 
 import numpy as np
 
 from .formats import QuantizedWeight, WeightFormat
 
-__all__ = ["gptq_quantize", "h_error"]
+__all__ = ["gptq_quantize", "gptq_quantize_parts", "h_error"]
 
 log = logging.getLogger(__name__)
 
@@ -87,11 +88,33 @@ def gptq_quantize(
     codes are chosen by the error-compensating sweep, in the original column order. Input channels with
     diag(H) == 0 never reach the output: they keep their round-to-nearest code and propagate no error.
     """
+    return gptq_quantize_parts(w, H, [(fmt, np.shape(w)[-1] if np.ndim(w) == 2 else 0)], damp=damp,
+                               act_order=act_order, block_size=block_size)[0]
+
+
+def gptq_quantize_parts(
+    w: np.ndarray,
+    H: np.ndarray,
+    parts: Sequence[tuple[WeightFormat, int]],
+    *,
+    damp: float = 0.01,
+    act_order: bool = True,
+    block_size: int = 128,
+) -> list[QuantizedWeight]:
+    """GPTQ of w [N, K] cut along K into consecutive parts, each ``(format, columns)`` (columns sum to K).
+
+    One sweep over all K columns: every part has its own static group parameters
+    (``fmt.quantize(part, importance=diag(H) of its columns)``) and code range, and the error of every
+    column is compensated by all the columns after it, across parts. This is how a split format
+    (:mod:`.salient`) quantizes its salient channels at more bits than the rest of the same matrix.
+    """
     w = np.asarray(w)
     if w.ndim != 2 or not np.issubdtype(w.dtype, np.floating):
         raise ValueError(f"expected a float [N, K] weight, got dtype {w.dtype} shape {w.shape}")
     w = w.astype(np.float32, copy=False)  # what fmt.quantize sees, so the sweep starts from the same values
     n, k = w.shape
+    if sum(c for _, c in parts) != k or any(c <= 0 for _, c in parts):
+        raise ValueError(f"parts {[(f.name, c) for f, c in parts]} must cut K = {k} into positive pieces")
     H = np.asarray(H)
     if H.shape != (k, k):
         raise ValueError(f"H must be [K, K] = {(k, k)} for a weight of shape {w.shape}, got {H.shape}")
@@ -107,21 +130,27 @@ def gptq_quantize(
             f"H has {int((diag < 0).sum())} negative diagonal entries; a Gram matrix XᵀX is positive "
             f"semidefinite: check how the calibration statistics were accumulated"
         )
-    static = fmt.quantize(w, importance=diag)  # validates w and fmt, and fixes the group parameters
+    # static group parameters per part; validates each part's shape against its format
+    statics, col_group, col_max, k0, g0 = [], np.empty(k, np.int64), np.empty(k, np.float32), 0, 0
+    for fmt, cols in parts:
+        statics.append(fmt.quantize(w[:, k0:k0 + cols], importance=diag[k0:k0 + cols]))
+        col_group[k0:k0 + cols] = g0 + np.arange(cols) // fmt.group_size
+        col_max[k0:k0 + cols] = fmt.max_code
+        k0, g0 = k0 + cols, g0 + cols // fmt.group_size
     started = time.perf_counter()
 
     dead = diag == 0
     order, r, r_diag, used_damp = _factor(H, diag, dead, damp, act_order)
 
-    g = fmt.group_size
-    group = order // g
-    scales = static.scales.T.astype(np.float32)  # [K/g, N]: one row per group, indexed by group[j]
-    zeros = static.zeros.T.astype(np.float32)
+    group = col_group[order]
+    limit = col_max[order]
+    # [groups, N]: one row per group of every part, indexed by group[j]
+    scales = np.concatenate([q.scales.T for q in statics]).astype(np.float32)
+    zeros = np.concatenate([q.zeros.T for q in statics]).astype(np.float32)
     skip = dead[order]
     w_t = w.T[order].astype(np.float64)  # [K, N]: row j is column order[j] of W, contiguous over N
     delta = np.zeros((k, n), dtype=np.float64)  # w_j - ŵ_j of the columns done so far
     codes_t = np.empty((k, n), dtype=np.uint8)
-    max_code = np.float32(fmt.max_code)
     for b0 in range(0, k, block_size):
         b1 = min(b0 + block_size, k)
         feedback = r[:b0, b0:b1].T @ delta[:b0]  # [B, N]: the errors of all finished blocks
@@ -134,7 +163,7 @@ def gptq_quantize(
             c -= z
             c /= s
             np.rint(c, out=c)
-            np.clip(c, 0, max_code, out=c)
+            np.clip(c, 0, limit[j], out=c)
             codes_t[j] = c
             if not skip[j]:  # a dead channel's code is free and it feeds nothing forward
                 c *= s
@@ -143,12 +172,17 @@ def gptq_quantize(
 
     codes = np.empty((n, k), dtype=np.uint8)
     codes[:, order] = codes_t.T
-    codes[:, dead] = static.codes[:, dead]
+    codes[:, dead] = np.concatenate([q.codes for q in statics], axis=1)[:, dead]
     log.debug(
         "gptq %s [%d, %d]: %.3f s, act_order=%s, damp=%g, %d dead channels",
-        fmt.name, n, k, time.perf_counter() - started, act_order, used_damp, int(dead.sum()),
+        "+".join(f.name for f, _ in parts), n, k, time.perf_counter() - started, act_order, used_damp,
+        int(dead.sum()),
     )
-    return QuantizedWeight(fmt, codes, static.scales, static.zeros)
+    out, k0 = [], 0
+    for (fmt, cols), q in zip(parts, statics):
+        out.append(QuantizedWeight(fmt, np.ascontiguousarray(codes[:, k0:k0 + cols]), q.scales, q.zeros))
+        k0 += cols
+    return out
 
 
 _FACTORS: list[tuple[np.ndarray, float, bool, tuple]] = []

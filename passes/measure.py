@@ -6,10 +6,16 @@ Two measures, the better one that the available data allows:
   record the H-weighted relative output error ``tr(ΔW H ΔWᵀ) / tr(W H Wᵀ)`` = ||X ΔWᵀ||² / ||X Wᵀ||²:
   exactly the relative squared error of the layer's output on the calibration data, with no model run
   (GPTQ minimizes this very quantity, so the measurement scores what quantization will deliver).
-  Its blind spot is interaction between layers (errors that cancel or compound through attention and
-  nonlinearities); EXL2 measures whole-block output error for that, which qcompile does not do yet.
+  Its blind spot is how much each layer's error matters downstream (errors amplified or damped through
+  attention, the residual stream and the head). EXL2 measures whole-block output error for that; we go
+  to the model's output instead: :mod:`.sensitivity` probes each weight once and the allocator weighs
+  this table's errors by the measured output divergence per unit of layer error. The per-format table
+  itself stays layer-local, so it costs no model runs (18-30 formats x every tensor).
 - **Uncalibrated**: round-to-nearest with the format's clip search and the relative weight error
   ``||ΔW||² / ||W||²`` — what H = I would give.
+
+With calibration, MatMul/Gemm weights are also measured in the split formats of :mod:`.salient`
+(the most energetic 1/8 of the input channels two bit widths higher, EXL2-style).
 
 Rows are measured on a deterministic sample of up to ``rows`` output channels: GPTQ treats rows
 independently given H, so the sample's error is an unbiased estimate of the whole tensor's.  The table
@@ -29,10 +35,11 @@ import numpy as np
 
 from .allocate import Candidate, TensorChoices
 from .calibrate import CalibrationStats
-from .formats import QuantizedWeight, WeightFormat, formats_for
-from .gptq import gptq_quantize, h_error
+from .formats import QuantizedWeight, formats_for
+from .gptq import gptq_quantize, gptq_quantize_parts, h_error
 from .quantizable import QuantTarget
 from .quantize import Quantizer, rtn_quantizer
+from .salient import AnyFormat, SplitFormat, SplitWeight, salient_order, split_formats_for
 
 __all__ = ["measure", "measure_rtn", "make_quantizer", "error_measure_name",
            "save_table", "load_table", "MEASURE_ROWS"]
@@ -49,13 +56,37 @@ def error_measure_name(stats: CalibrationStats | None, gptq: bool) -> str:
 
 
 def make_quantizer(stats: CalibrationStats | None, gptq: bool = True) -> Quantizer:
-    """The quantizer of a run: GPTQ on the calibration H where there is one, else RTN."""
+    """The quantizer of a run: GPTQ on the calibration H where there is one, else RTN.
 
-    def quantize(t: QuantTarget, fmt: WeightFormat, w: np.ndarray) -> tuple[QuantizedWeight, float]:
+    Split formats (:mod:`.salient`) are swept by GPTQ in salient order: W and H permuted once per H.
+    """
+    permuted: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (H, perm, H[perm][:, perm]), by identity
+
+    def by_salience(ts) -> tuple[np.ndarray, np.ndarray]:
+        for h, perm, hp in permuted:
+            if h is ts.H:
+                return perm, hp
+        perm = salient_order(ts.sq)
+        hp = np.ascontiguousarray(ts.H[np.ix_(perm, perm)])
+        hp.flags.writeable = False  # read-only: GPTQ may cache its factorization by identity
+        permuted.insert(0, (ts.H, perm, hp))
+        del permuted[2:]
+        return perm, hp
+
+    def quantize(t: QuantTarget, fmt: AnyFormat, w: np.ndarray) -> tuple[QuantizedWeight | SplitWeight, float]:
         ts = stats.tensors.get(t.name) if stats is not None else None
         if ts is None:
             return rtn_quantizer(t, fmt, w)
-        q = gptq_quantize(w, ts.H, fmt) if gptq else fmt.quantize(w, importance=ts.sq)
+        if isinstance(fmt, SplitFormat):
+            if gptq:
+                perm, hp = by_salience(ts)
+                kh = fmt.k_hi(w.shape[1])
+                hi, lo = gptq_quantize_parts(w[:, perm], hp, [(fmt.hi, kh), (fmt.lo, w.shape[1] - kh)])
+                q = SplitWeight(fmt, perm, hi, lo)
+            else:
+                q = fmt.quantize(w, importance=ts.sq)
+        else:
+            q = gptq_quantize(w, ts.H, fmt) if gptq else fmt.quantize(w, importance=ts.sq)
         return q, h_error(w, q.dequantize(), ts.H)
 
     return quantize
@@ -72,13 +103,20 @@ def measure(
     quantizer: Quantizer,
     rows: int = MEASURE_ROWS,
     progress: Callable[[int], None] | None = None,
+    salient: Callable[[QuantTarget], bool] = lambda t: False,
 ) -> list[TensorChoices]:
-    """One :class:`TensorChoices` per target: exact storage bits and measured error of each format."""
+    """One :class:`TensorChoices` per target: exact storage bits and measured error of each format.
+
+    ``salient(t)``: whether target t also gets the split formats (salient channels at more bits).
+    """
     out = []
     for i, t in enumerate(targets):
         sample = _sample_rows(weights(t), rows)
+        fmts: list[AnyFormat] = list(formats_for(t.shape))
+        if salient(t) and t.op != "Conv":
+            fmts += split_formats_for(t.shape)
         cands = tuple(Candidate(fmt.name, fmt.storage_bits(t.shape).total, quantizer(t, fmt, sample)[1])
-                      for fmt in formats_for(t.shape))
+                      for fmt in fmts)
         out.append(TensorChoices(t.name, t.n_weights, cands))
         if progress:
             progress(i + 1)

@@ -60,6 +60,15 @@ class QuantTarget:
             return np.ascontiguousarray(a.reshape(a.shape[0], -1))
         return np.ascontiguousarray(a.T if self.transpose else a)
 
+    def onnx_array(self, matrix: np.ndarray) -> np.ndarray:
+        """The inverse of :meth:`matrix`: a [N, K] matrix in the initializer's own layout (float32)."""
+        m = np.asarray(matrix, dtype=np.float32)
+        if m.shape != self.shape:
+            raise ValueError(f"{self.name}: expected a [N, K] = {self.shape} matrix, got {m.shape}")
+        if self.op == "Conv":
+            return np.ascontiguousarray(m.reshape(self.onnx_shape))
+        return np.ascontiguousarray(m.T if self.transpose else m)
+
 
 def node_attr(node: ir.Node, name: str, default):
     """The value of attribute ``name`` of ``node``, or ``default``."""

@@ -11,6 +11,8 @@ import pytest
 
 import qcompile.runtime as rt
 from qcompile.compiler.driver import CompileOptions, compile_model
+from qcompile.passes.formats import formats_for
+from qcompile.passes.salient import split_formats_for
 from tests.helpers import mlp_model, save
 
 
@@ -47,7 +49,10 @@ def test_calibrated_gptq_beats_uncalibrated_rtn(setup):
     m = calib.manifest
     assert m["bpw"]["achieved"] <= 3.5 and m["bpw"]["achieved"] > 3.0
     assert "GPTQ H-weighted" in m["error_measure"]
-    assert all(len(t["candidates"]) == 9 or len(t["candidates"]) == 18 for t in m["tensors"])
+    # every format that fits, and the split formats (salient channels at more bits) of the matmuls
+    assert all({c["format"] for c in t["candidates"]}
+               == {f.name for f in formats_for(t["shape"]) + split_formats_for(t["shape"])} for t in m["tensors"])
+    assert "sensitivity" in m["error_measure"] and set(m["sensitivity"]) == {t["name"] for t in m["tensors"]}
     e_calib, e_plain = _err(calib.path, x, ref), _err(plain.path, x, ref)
     # measured: about 0.55x on this model (GPTQ + output-error allocation vs RTN + weight-error allocation)
     assert e_calib < 0.8 * e_plain, (e_calib, e_plain)
