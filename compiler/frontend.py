@@ -1,4 +1,8 @@
-"""Load an ONNX model and check that every op can be compiled, listing all problems at once."""
+"""Load an ONNX model and check that every op can be compiled, listing all problems at once.
+
+A decoder LLM given as a GGUF file or a Hugging Face folder is first built as ONNX by
+:mod:`qcompile.compiler.frontends`; the checks are the same.
+"""
 
 from __future__ import annotations
 
@@ -28,14 +32,18 @@ def _supported_ops() -> set[str]:
 
 
 def load_onnx(path: str | Path) -> onnx.ModelProto:
-    """Read ``path`` (external data too), infer shapes, and validate ops and inputs."""
+    """Read ``path`` (external data too), infer shapes, and validate ops and inputs.
+
+    ``path`` may also be an LLM source (a ``.gguf`` file, or a folder with ``config.json`` and
+    safetensors): its ONNX decoder is built in memory, then checked like a file.
+    """
+    from .frontends import is_llm_source, load_llm  # noqa: PLC0415 - they import ModelError from here
+
     path = Path(path)
-    if not path.is_file():
-        raise ModelError(f"{path}: no such model file")
-    try:
-        model = onnx.load(str(path))
-    except Exception as e:  # noqa: BLE001 - protobuf raises many kinds
-        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
+    if is_llm_source(path):
+        model = load_llm(path)
+    else:
+        model = _read_onnx(path)
     if not model.graph.node:
         raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
     try:
@@ -55,6 +63,18 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         if not node.name:
             node.name = f"{node.op_type}_{i}"
     return model
+
+
+def _read_onnx(path: Path) -> onnx.ModelProto:
+    if path.is_dir():
+        raise ModelError(f"{path}: a folder, but not an LLM source (expected config.json and .safetensors "
+                         "weights in it); give an .onnx file, a .gguf file or a Hugging Face folder")
+    if not path.is_file():
+        raise ModelError(f"{path}: no such model file")
+    try:
+        return onnx.load(str(path))
+    except Exception as e:  # noqa: BLE001 - protobuf raises many kinds
+        raise ModelError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from e
 
 
 def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:

@@ -19,8 +19,9 @@ Divergence. Outputs with a class/vocabulary axis (float, rank ≥ 2, last dim �
 logits: mean KL(softmax(float) || softmax(perturbed)) over all positions, the metric LM quality is
 judged by. Otherwise: relative squared error ||ΔY||² / ||Y||² averaged over the float outputs.
 
-Cost: one model run per (weight, sample); with the weights fed as graph inputs one onnxruntime session
-serves every probe.
+Cost: one model run per (weight, sample), which dominates the compile of a large model: the samples are
+few (``--sensitivity-samples``, default 4 of the calibration samples: 512 tokens at the default text
+window of 128). With the weights fed as graph inputs one onnxruntime session serves every probe.
 """
 
 from __future__ import annotations
@@ -87,21 +88,33 @@ def _is_logits(a: np.ndarray) -> bool:
 
 
 class _Reference:
-    """The float outputs of one sample, prepared for divergences (log-probabilities of logits)."""
+    """The float outputs of one sample, prepared for divergences.
+
+    For logits z (float) with p = softmax(z): KL(p || softmax(z')) = Σ p log p - Σ p z' + logsumexp(z')
+    (Σ p = 1), so a probe costs one pass for the dot product and the log-sum-exp of z' (float64).
+    """
 
     def __init__(self, outputs: Sequence[np.ndarray]):
         self.kl = [i for i, a in enumerate(outputs) if _is_logits(a)]
         self.mse = [] if self.kl else [i for i, a in enumerate(outputs) if np.issubdtype(a.dtype, np.floating)]
-        self.logp = {i: _log_softmax(outputs[i]) for i in self.kl}
-        self.p = {i: np.exp(lp) for i, lp in self.logp.items()}
+        self.p, self.neg_entropy = {}, {}
+        for i in self.kl:
+            logp = _log_softmax(outputs[i])
+            self.p[i] = np.exp(logp)
+            self.neg_entropy[i] = np.sum(self.p[i] * logp, axis=-1)
         self.ref = {i: outputs[i].astype(np.float64) for i in self.mse}
         self.norm = {i: max(float(np.sum(r * r)), 1e-30) for i, r in self.ref.items()}
 
+    def _kl(self, i: int, z: np.ndarray) -> float:
+        z = z.astype(np.float64)
+        top = z.max(axis=-1, keepdims=True)
+        lse = np.log(np.exp(z - top).sum(axis=-1)) + top[..., 0]
+        cross = np.einsum("...v,...v->...", self.p[i], z)
+        return float(np.mean(self.neg_entropy[i] - cross + lse))
+
     def divergence(self, outputs: Sequence[np.ndarray]) -> float:
         if self.kl:
-            kls = [float(np.mean(np.sum(self.p[i] * (self.logp[i] - _log_softmax(outputs[i])), axis=-1)))
-                   for i in self.kl]
-            return float(np.mean(kls))
+            return float(np.mean([max(self._kl(i, outputs[i]), 0.0) for i in self.kl]))
         if not self.mse:
             return 0.0
         return float(np.mean([np.sum((outputs[i] - self.ref[i]) ** 2) / self.norm[i] for i in self.mse]))
@@ -166,6 +179,9 @@ def measure_sensitivity(
         out[t.name] = Sensitivity(t.name, fmt.name, err, div, div / err if err > 0 else 0.0)
         if progress:
             progress(i + 1)
+        if (i + 1) % max(1, len(targets) // 4) == 0:
+            log.info("sensitivity: %d of %d weights probed (%.0f s)", i + 1, len(targets),
+                     time.perf_counter() - started)
     positive = [s.sensitivity for s in out.values() if s.sensitivity > 0]
     floor = _FLOOR * float(np.median(positive)) if positive else 1.0
     for name, s in out.items():
