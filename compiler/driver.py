@@ -36,6 +36,7 @@ from qcompile.runtime.manifest import sha256_file
 from .artifact import write_artifact
 from .calibdata import load_samples
 from .frontend import load_onnx
+from .frontends.tokenizer import source_tokenizer
 from .manifest_build import build_manifest
 from .report_html import html_report
 
@@ -142,6 +143,7 @@ class _Pipeline:
         self.mhash = model_hash(self.proto)
         self.work = _work_dir(opts, self.mhash)
         self._samples: list[dict] | None = None
+        self._tokenizer: str | None = None
 
     def _tick(self, step: str, total: int):
         return (lambda i: self.progress(step, i, total)) if self.progress else None
@@ -149,12 +151,30 @@ class _Pipeline:
     def weight(self, t: QuantTarget) -> np.ndarray:
         return t.matrix(self.model.graph.initializers[t.name].const_value.numpy())
 
+    def tokenizer(self) -> str | None:
+        """The tokenizer.json text: ``--tokenizer``, else the one the model source ships (or None)."""
+        if self.opts.tokenizer is not None:
+            p = Path(self.opts.tokenizer)
+            p = p / "tokenizer.json" if p.is_dir() else p
+            if not p.is_file():
+                raise QCompileError(f"--tokenizer {self.opts.tokenizer}: no such file (expected a Hugging Face "
+                                    "tokenizer.json)")
+            return p.read_text()
+        if self._tokenizer is None:
+            self._tokenizer = source_tokenizer(self.model_path) or ""
+        return self._tokenizer or None
+
     def samples(self) -> list[dict]:
         """The calibration feeds (loaded once)."""
         if self._samples is None:
             o = self.opts
+            tokenizer = o.tokenizer
+            if tokenizer is None and o.calib is not None and o.calib.endswith(".txt") and self.tokenizer():
+                tokenizer = self.work / "tokenizer.json"  # the one the model source ships
+                tokenizer.parent.mkdir(parents=True, exist_ok=True)
+                tokenizer.write_text(self.tokenizer())
             self._samples = load_samples(o.calib, self.proto, model_path=self.model_path,
-                                         n_samples=o.calib_samples, seq_len=o.calib_seq_len, tokenizer=o.tokenizer)
+                                         n_samples=o.calib_samples, seq_len=o.calib_seq_len, tokenizer=tokenizer)
         return self._samples
 
     def stats(self) -> tuple[CalibrationStats | None, str | None]:
@@ -299,6 +319,7 @@ class Quantized:
     float_weights: bool
     sensitivity: dict
     seconds: dict[str, float]
+    tokenizer: str | None = None  # tokenizer.json text shipped with the model (or --tokenizer)
 
 
 def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progress | None = None) -> Quantized:
@@ -316,6 +337,13 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     t0 = time.perf_counter()
     stats, stats_key = (None, None) if float_weights else run.stats()
     seconds["calibrate"] = time.perf_counter() - t0
+    sensitivity = None
+    if stats is not None and opts.sensitivity and not float_weights and run.targets:
+        # probed on the model as loaded: the divergence per unit of relative layer error does not depend
+        # on how the AWQ scaling below redistributes the weights, so one probe serves both settings
+        t0 = time.perf_counter()
+        sensitivity = run.sensitivity(stats, stats_key)
+        seconds["sensitivity"] = time.perf_counter() - t0
     outliers: dict = {}
     if stats is not None and opts.awq:
         t0 = time.perf_counter()
@@ -323,11 +351,6 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
         stats_key = f"{stats_key}-awq-{awq_digest}"
         seconds["outliers"] = time.perf_counter() - t0
     quantizer = make_quantizer(stats, opts.gptq)
-    sensitivity = None
-    if stats is not None and opts.sensitivity and opts.bpw < FLOAT_BPW and run.targets:
-        t0 = time.perf_counter()
-        sensitivity = run.sensitivity(stats, stats_key)
-        seconds["sensitivity"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key, stats, sensitivity)
@@ -344,7 +367,7 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
         measure_name += " x whole-model sensitivity (output divergence per unit of it)"
     sens = {k: dataclasses.asdict(v) for k, v in (sensitivity or {}).items()}
     return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates, outliers,
-                     measure_name, float_weights, sens, seconds)
+                     measure_name, float_weights, sens, seconds, run.tokenizer())
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
@@ -365,11 +388,14 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
     manifest["outliers"] = {"activation_scaling": q.outliers}
     manifest["sensitivity"] = q.sensitivity
+    extra = {"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")}
+    if q.tokenizer:
+        extra["tokenizer.json"] = lambda m: q.tokenizer
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)
     path = write_artifact(out, manifest, lowered.params, lambda p: backend.build(lowered.mod, p),
-                          extra={"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")})
+                          extra=extra)
     if progress:
         progress("build", 1, 1)
     seconds["build"] = time.perf_counter() - t0

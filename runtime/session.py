@@ -107,6 +107,7 @@ class Session:
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
         self._params = self._load_params(root / PARAMS)
+        self._generator = None
         self.inputs = [NodeArg(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
         log.info("loaded %s: %d inputs, %d outputs, %d params", root, len(self.inputs),
@@ -171,6 +172,39 @@ class Session:
                 )
             args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._dev))
         return args
+
+    def device_tensor(self, a: np.ndarray):
+        """A TVM tensor on the session's device holding ``a`` (for :meth:`run_device`)."""
+        return self._tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
+
+    def run_device(self, args: list) -> list:
+        """Run on device tensors in input order; the outputs stay device tensors (no copy to numpy)."""
+        if len(args) != len(self.inputs):
+            raise QCompileError(f"{self.path}: expected {len(self.inputs)} inputs, got {len(args)}")
+        result = self._main(*args, *self._params)
+        return [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
+
+    def tokenizer(self):
+        """The artifact's ``tokenizers.Tokenizer`` (from its tokenizer.json), or None if it has none."""
+        if "tokenizer.json" not in self.manifest["files"]:
+            return None
+        from tokenizers import Tokenizer  # noqa: PLC0415
+
+        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
+
+    def generator(self):
+        """The session's :class:`~qcompile.runtime.generate.Generator` (a decoder artifact only)."""
+        from .generate import Generator  # noqa: PLC0415
+
+        if self._generator is None:
+            self._generator = Generator(self)
+        return self._generator
+
+    def generate(self, prompt_ids, max_new_tokens: int, sampling=None, stop_ids=(), on_token=None) -> list[int]:
+        """Greedy or sampled decoding with the KV cache (:mod:`qcompile.runtime.generate`)."""
+        from .generate import Sampling  # noqa: PLC0415
+
+        return self.generator().generate(prompt_ids, max_new_tokens, sampling or Sampling(), stop_ids, on_token)
 
     def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
         """Run the model; ``output_names=None`` returns every output in the model's order."""

@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 
 TARGETS = (2.5, 3.0, 3.5, 4.25, 5.0)
 CHECK_BPW = 4.25  # the build that is also compiled and run by the runtime
+SENSITIVITY_SAMPLES = 1
 
 
 def _check_compiled(ctx: Context, options, ref_logits_fn) -> str:
@@ -70,9 +71,10 @@ def qcompile_rows(ctx: Context) -> list[Row]:
     rows = []
     for bpw in TARGETS:
         t0 = time.perf_counter()
+        # sensitivity probes on one window (512 tokens: what the CLI's default 4 x 128 gives)
         options = CompileOptions(bpw=bpw, calib=str(calib), calib_samples=len(ctx.calibration),
                                  calib_seq_len=ctx.calibration.shape[1], workdir=work,
-                                 keep_float=[f"^{re.escape(head)}$"])
+                                 sensitivity_samples=SENSITIVITY_SAMPLES, keep_float=[f"^{re.escape(head)}$"])
         q = quantize_model(ctx.float_onnx, options)
         weights = sum(int(np.prod(r.onnx_shape)) for r in q.records)
         if weights != ctx.linear_weight_count:
@@ -81,8 +83,12 @@ def qcompile_rows(ctx: Context) -> list[Row]:
         achieved = sum(r.storage.total for r in q.records) / weights
         logits_fn = session_logits_fn(decode_to_float(q.qproto), ctx.threads)
         metrics = ctx.evaluator.evaluate(logits_fn)
-        formats = sorted({r.format.name for r in q.records})
-        note = f"GPTQ + AWQ + measured allocation; formats {', '.join(formats)}"
+        counts: dict[str, int] = {}
+        for r in q.records:
+            counts[r.format.name] = counts.get(r.format.name, 0) + 1
+        formats = ", ".join(f"{n} x{c}" for n, c in sorted(counts.items(), key=lambda kv: -kv[1]))
+        note = (f"GPTQ + AWQ + split formats + sensitivity-weighted allocation "
+                f"({q.seconds.get('sensitivity', 0):.0f} s of probes, cached across bpw); formats {formats}")
         if bpw == CHECK_BPW:
             note += "; " + _check_compiled(ctx, options, logits_fn)
         rows.append(Row.of("qcompile", achieved, metrics, note, time.perf_counter() - t0))

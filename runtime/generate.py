@@ -1,0 +1,170 @@
+"""Token generation with a compiled decoder: prefill, then one token at a time with the KV cache.
+
+A decoder artifact has the interface of :mod:`qcompile.compiler.frontends.decoder` (and of optimum's
+``text-generation-with-past`` exports without attention_mask/position_ids):
+
+    inputs   input_ids int64 [batch, seq], past_key_values.{i}.key/.value [batch, kv, past, head_dim]
+    outputs  logits [batch, seq, vocab], present.{i}.key/.value [batch, kv, past + seq, head_dim]
+
+The cache stays on the device between steps: each step's ``present`` tensors are passed back as the
+next ``past`` without a copy to numpy; only the last position's logits come to the host, where the
+next token is chosen (numba: greedy, temperature, top-k, top-p).
+
+numpy equivalent of :func:`sample` (temperature t > 0):
+
+    z = logits / t;  keep the top_k largest (all if top_k == 0)
+    p = softmax(z) over the kept, sorted descending; keep the shortest prefix with Σ p ≥ top_p
+    return kept[searchsorted(cumsum(p) / Σ p, u)]          u ~ U[0, 1)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator, Sequence
+
+import numba
+import numpy as np
+
+from .errors import QCompileError
+
+__all__ = ["Sampling", "Generator", "sample", "GenerationStats"]
+
+log = logging.getLogger(__name__)
+
+_PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How the next token is chosen: ``temperature == 0`` is greedy (argmax)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+    seed: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.temperature < 0 or self.top_k < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"sampling needs temperature >= 0, top_k >= 0 and 0 < top_p <= 1, got {self}")
+
+
+@dataclasses.dataclass
+class GenerationStats:
+    """Timings of the last :meth:`Generator.generate` call."""
+
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        # the first new token comes from the prefill; the others from decode steps
+        steps = self.new_tokens - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds else 0.0
+
+
+@numba.njit(cache=True)
+def sample(logits: np.ndarray, temperature: float, top_k: int, top_p: float, u: float) -> int:
+    """The next token id from float32 ``logits`` [vocab] (module docstring); greedy if temperature == 0."""
+    v = logits.shape[0]
+    if temperature <= 0.0:
+        return int(np.argmax(logits))
+    order = np.argsort(-logits)
+    k = v if top_k <= 0 or top_k > v else top_k
+    z = logits[order[:k]].astype(np.float64) / temperature
+    p = np.exp(z - z[0])
+    p /= p.sum()
+    c = np.cumsum(p)
+    n = k
+    for i in range(k):
+        if c[i] >= top_p:
+            n = i + 1
+            break
+    target = u * c[n - 1]
+    for i in range(n):
+        if c[i] > target:
+            return int(order[i])
+    return int(order[n - 1])
+
+
+class Generator:
+    """Generation over a loaded decoder :class:`~qcompile.runtime.session.Session`."""
+
+    def __init__(self, session):
+        self.session = session
+        names = [i.name for i in session.inputs]
+        if "input_ids" not in names or session.outputs[0].name != "logits":
+            raise QCompileError(f"{session.path}: not a decoder (expected inputs input_ids and "
+                                f"past_key_values.*, first output logits; found {names})")
+        self.past = [i for i in session.inputs if _PAST.match(i.name)]
+        if len(names) != 1 + len(self.past):
+            other = [n for n in names if n != "input_ids" and not _PAST.match(n)]
+            raise QCompileError(f"{session.path}: decoder inputs {other} are not supported by generate "
+                                "(only input_ids and past_key_values.*)")
+        presents = [o.name for o in session.outputs[1:]]
+        expect = [p.name.replace("past_key_values", "present") for p in self.past]
+        if presents != expect:
+            raise QCompileError(f"{session.path}: outputs {presents} do not mirror the past inputs {expect}")
+        self.stats = GenerationStats()
+
+    def _empty_past(self, batch: int) -> list:
+        arrays = []
+        for spec in self.past:
+            shape = [batch, *spec.shape[1:]]
+            shape[2] = 0
+            if not all(isinstance(d, int) for d in shape):
+                raise QCompileError(f"{self.session.path}: past input {spec.name} has symbolic dims "
+                                    f"{list(spec.shape)} besides batch and past length")
+            arrays.append(np.zeros(shape, dtype=spec.dtype))
+        return arrays
+
+    def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+               stop_ids: Sequence[int] = ()) -> Iterator[int]:
+        """Yield up to ``max_new_tokens`` new token ids after ``prompt_ids``, stopping after a stop id."""
+        prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(1, -1)
+        if prompt.shape[1] == 0:
+            raise QCompileError("generate needs at least one prompt token")
+        rng = np.random.default_rng(sampling.seed)
+        stops = set(int(s) for s in stop_ids)
+        self.stats = GenerationStats(prompt_tokens=prompt.shape[1])
+        s = self.session
+        t0 = time.perf_counter()
+        cache = [s.device_tensor(a) for a in self._empty_past(1)]
+        ids = s.device_tensor(prompt)
+        for step in range(max_new_tokens):
+            outs = s.run_device([ids, *cache])
+            logits = outs[0].numpy()[0, -1]
+            token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, float(rng.random()))
+            cache = outs[1:]
+            now = time.perf_counter()
+            if step == 0:
+                self.stats.prefill_seconds = now - t0
+            else:
+                self.stats.decode_seconds += now - t0
+            t0 = now
+            self.stats.new_tokens += 1
+            yield token
+            if token in stops:
+                return
+            ids = s.device_tensor(np.array([[token]], dtype=np.int64))
+            t0 = time.perf_counter()
+
+    def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
+                 stop_ids: Sequence[int] = (), on_token: Callable[[int], None] | None = None) -> list[int]:
+        """The new token ids (``on_token`` is called with each as it is produced)."""
+        out = []
+        for token in self.stream(prompt_ids, max_new_tokens, sampling, stop_ids):
+            out.append(token)
+            if on_token is not None:
+                on_token(token)
+        log.info("generated %d tokens: prefill %.1f tok/s, decode %.1f tok/s", self.stats.new_tokens,
+                 self.stats.prefill_tok_s, self.stats.decode_tok_s)
+        return out
