@@ -77,6 +77,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
     c.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample (default 128)")
     c.add_argument("--no-gptq", action="store_true", help="with --calib: round to nearest instead of GPTQ")
+    c.add_argument("--awq", choices=["auto", "on", "off"], default="auto",
+                   help="with --calib: activation-aware scaling folded into producers; auto (the default) "
+                        "measures with and without it and keeps the allocation with the lower error")
     c.add_argument("--no-awq", action="store_true",
                    help="with --calib: no activation-aware scaling of input channels (folded into producers)")
     c.add_argument("--no-salient", action="store_true",
@@ -110,7 +113,7 @@ def _cmd_compile(args, console) -> int:
                           overrides=list(args.override), keep_float=list(args.keep_float),
                           head_bits=args.head_bits, calib=args.calib,
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
-                          calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq=not args.no_awq,
+                          calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq="off" if args.no_awq else args.awq,
                           salient=not args.no_salient, sensitivity=not args.no_sensitivity, sensitivity_samples=args.sensitivity_samples,
                           workdir=args.workdir)
     if args.min_weights is not None:

@@ -62,7 +62,8 @@ class CompileOptions:
     calib_samples: int = 32
     calib_seq_len: int = 128
     gptq: bool = True  # with calibration: GPTQ (else RTN with an imatrix-weighted clip search)
-    awq: bool = True  # with calibration: activation-aware per-channel scaling folded into producers
+    awq: bool | str = "auto"  # with calibration: activation-aware scaling folded into producers: on, off, or
+    # auto (both measured; the allocation with the lower objective wins)
     salient: bool = True  # with calibration: also measure split formats (salient input channels at more bits)
     sensitivity: bool = True  # with calibration: weight each layer's error by its measured effect on the output
     sensitivity_samples: int = 4  # calibration samples the sensitivity probes run on
@@ -255,7 +256,9 @@ class _Pipeline:
         return table
 
     def plan(self, quantizer, stats_key, stats: CalibrationStats | None = None,
-             sensitivity: dict[str, Sensitivity] | None = None) -> tuple[dict[str, AnyFormat], set[str], dict]:
+             sensitivity: dict[str, Sensitivity] | None = None,
+             ) -> tuple[dict[str, AnyFormat], set[str], dict, float]:
+        """(format per weight, heads, measured candidates, the allocation's objective: its total error)."""
         opts, targets = self.opts, self.targets
         fixed: dict[str, AnyFormat] = {}
         heads: set[str] = set()
@@ -275,13 +278,14 @@ class _Pipeline:
                     fixed[t.name] = _format_for_bits(spec, t.shape, f"--override {pattern}={spec}", t.op)
                     log.info("override %s -> %s (by %r)", t.name, fixed[t.name].name, pattern)
         if opts.bpw >= FLOAT_BPW:  # float weights, but for the explicit overrides
-            return fixed, heads, {}
+            return fixed, heads, {}, 0.0
         free = [t for t in targets if t.name not in fixed]
         table = self.measurement(free, quantizer, stats_key, stats) if free else []
         body = [t for t in targets if t.name not in heads]
         total = sum(t.n_weights for t in body)
         fixed_bits = sum(fixed[t.name].storage_bits(t.shape).total for t in body if t.name in fixed)
         plan = dict(fixed)
+        objective = 0.0
         if free:
             budget = Fraction(str(opts.bpw)) * total - fixed_bits
             if budget <= 0:
@@ -293,9 +297,20 @@ class _Pipeline:
             except AllocationError as e:
                 raise QCompileError(f"{self.model_path}: --bpw {opts.bpw}: {e}") from e
             plan.update({name: format_by_name(f) for name, f in alloc.choices.items()})
+            objective = alloc.total_error
         candidates = {c.name: [{"format": x.format_name, "bits": x.bits, "error": x.error}
                                for x in c.candidates] for c in table}
-        return plan, heads, candidates
+        return plan, heads, candidates, objective
+
+
+def _awq_settings(opts: CompileOptions, stats: CalibrationStats | None) -> list[bool]:
+    if stats is None or opts.awq in (False, "off"):
+        return [False]
+    if opts.awq in (True, "on"):
+        return [True]
+    if opts.awq == "auto":
+        return [False, True]
+    raise QCompileError(f"--awq {opts.awq!r}: expected auto, on or off")
 
 
 def _weighted(choices: TensorChoices, weight: float) -> TensorChoices:
@@ -344,18 +359,35 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
         t0 = time.perf_counter()
         sensitivity = run.sensitivity(stats, stats_key)
         seconds["sensitivity"] = time.perf_counter() - t0
-    outliers: dict = {}
-    if stats is not None and opts.awq:
-        t0 = time.perf_counter()
-        stats, outliers, awq_digest = run.outliers(stats, stats_key)
-        stats_key = f"{stats_key}-awq-{awq_digest}"
-        seconds["outliers"] = time.perf_counter() - t0
-    quantizer = make_quantizer(stats, opts.gptq)
-
+    # AWQ scaling on, off, or both ("auto"): each setting is measured and allocated (cached in the work
+    # dir) and the one whose allocation has the lower objective (sensitivity-weighted error) is applied
+    settings = [None] if float_weights else _awq_settings(opts, stats)
+    tried = []
     t0 = time.perf_counter()
-    plan, heads, candidates = ({}, set(), {}) if float_weights else run.plan(quantizer, stats_key, stats, sensitivity)
+    for use_awq in settings:
+        if len(settings) > 1:
+            run.model = ir.from_proto(run.proto)  # each setting starts from the float model as loaded
+        st, key, outliers = stats, stats_key, {}
+        if use_awq:
+            t1 = time.perf_counter()
+            st, outliers, awq_digest = run.outliers(stats, stats_key)
+            key = f"{stats_key}-awq-{awq_digest}"
+            seconds["outliers"] = seconds.get("outliers", 0.0) + time.perf_counter() - t1
+        quantizer = make_quantizer(st, opts.gptq)
+        plan, heads, candidates, objective = ({}, set(), {}, 0.0) if float_weights else \
+            run.plan(quantizer, key, st, sensitivity)
+        tried.append((objective, use_awq, run.model, plan, heads, candidates, quantizer, outliers, st))
+    # a tie (e.g. every format fixed by --override: nothing allocated) keeps the scaling
+    objective, use_awq, run.model, plan, heads, candidates, quantizer, outliers, stats = min(
+        tried, key=lambda t: (t[0], not t[1]))
+    if len(tried) > 1:
+        log.info("AWQ scaling %s: allocation objective %.4g with it, %.4g without", "on" if use_awq else "off",
+                 *[t[0] for t in sorted(tried, key=lambda t: not t[1])])
+    awq_choice = {"setting": "auto" if len(settings) > 1 else ("on" if use_awq else "off"),
+                  "applied": bool(use_awq),
+                  "objective": {("on" if t[1] else "off"): t[0] for t in tried if t[1] is not None}}
     float_weights = float_weights or not plan
-    seconds["allocate"] = time.perf_counter() - t0
+    seconds["allocate"] = time.perf_counter() - t0 - seconds.get("outliers", 0.0)
 
     t0 = time.perf_counter()
     qpass = QuantizePass(run.targets, plan, quantizer=quantizer, progress=run._tick("quantize", len(plan)))
@@ -366,8 +398,9 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     if sensitivity:
         measure_name += " x whole-model sensitivity (output divergence per unit of it)"
     sens = {k: dataclasses.asdict(v) for k, v in (sensitivity or {}).items()}
-    return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates, outliers,
-                     measure_name, float_weights, sens, seconds, run.tokenizer())
+    return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates,
+                     {"activation_scaling": outliers, "awq": awq_choice}, measure_name, float_weights, sens,
+                     seconds, run.tokenizer())
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
@@ -386,7 +419,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
 
     manifest = build_manifest(q.proto, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
-    manifest["outliers"] = {"activation_scaling": q.outliers}
+    manifest["outliers"] = q.outliers
     manifest["sensitivity"] = q.sensitivity
     extra = {"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")}
     if q.tokenizer:

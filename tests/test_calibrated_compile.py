@@ -122,3 +122,11 @@ def test_activation_scaling_is_folded_and_helps(tmp_path):
     assert sorted(info["consumers"]) == ["Wk", "Wq"] and info["alpha"] > 0
     # measured: about 0.5x with RTN at 3 bits
     assert errs[True] < 0.8 * errs[False], errs
+
+    # auto: both settings measured and allocated; the lower objective (here: with the scaling) is applied
+    r = compile_model(path, tmp_path / "auto.qcm", CompileOptions(bpw=3.5, calib=str(tmp_path / "c.npz"),
+                                                                  gptq=False, workdir=tmp_path / "wauto"))
+    choice = r.manifest["outliers"]["awq"]
+    assert choice["setting"] == "auto" and set(choice["objective"]) == {"on", "off"}
+    assert choice["applied"] == (choice["objective"]["on"] < choice["objective"]["off"])
+    assert choice["applied"] and bool(r.manifest["outliers"]["activation_scaling"])

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from .context import Row
 
-__all__ = ["family", "machine", "merge", "plot"]
+__all__ = ["family", "goal", "machine", "merge", "plot"]
 
 KL_FLOOR = 1e-4  # plot floor of the KL axis
 PPL_TOP = 3.0  # the perplexity axis ends at this multiple of the float model's
@@ -66,6 +66,7 @@ def merge(path: Path, header: dict, methods: dict[str, list[Row]], run_id: str,
                       f"rows come from {len(runs)} separate invocations (see each row's run_id); "
                       "re-run with --methods all for a single-run table"),
         "rows": all_rows,
+        "goal": goal(all_rows),
         "skipped": [s for s in doc.get("skipped", []) if s.get("registry") not in methods]
         + [{**s, "run_id": run_id} for s in skipped],
     }
@@ -74,6 +75,31 @@ def merge(path: Path, header: dict, methods: dict[str, list[Row]], run_id: str,
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.rename(path)
     return doc
+
+
+GOAL_RATIO = 0.7
+
+
+def goal(rows: list[dict]) -> list[dict]:
+    """Issue 3's goal per qcompile row: KL <= 0.7 x that of the best llama.cpp type at equal or higher bpw.
+
+    "At equal or higher bpw" is read as the llama.cpp types whose bpw is the lowest at or above ours
+    (with and without imatrix; the best of them): comparing with every higher type would pit 3 bpw against
+    Q8_0. Rows with no llama.cpp type at or above their bpw have no comparison.
+    """
+    peers = [r for r in rows if r["method"].startswith("llama.cpp") and r["bpw"] < 16]
+    out = []
+    for r in sorted((r for r in rows if r["method"] == "qcompile"), key=lambda r: r["bpw"]):
+        above = [p for p in peers if p["bpw"] >= r["bpw"] - 1e-9]
+        if not above:
+            out.append({"bpw": r["bpw"], "kld": r["kld"], "peer": None})
+            continue
+        nearest = min(p["bpw"] for p in above)
+        best = min((p for p in above if p["bpw"] == nearest), key=lambda p: p["kld"])
+        ratio = r["kld"] / best["kld"]
+        out.append({"bpw": r["bpw"], "kld": r["kld"], "peer": best["method"], "peer_bpw": best["bpw"],
+                    "peer_kld": best["kld"], "ratio": round(ratio, 3), "met": ratio <= GOAL_RATIO})
+    return out
 
 
 def family(method: str) -> str:

