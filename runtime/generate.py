@@ -35,6 +35,7 @@ __all__ = ["Sampling", "Generator", "sample", "GenerationStats"]
 log = logging.getLogger(__name__)
 
 _PAST = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
+_EXTRA = ("attention_mask", "position_ids")  # optimum's exports: filled as for an unpadded sequence
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +106,10 @@ class Generator:
             raise QCompileError(f"{session.path}: not a decoder (expected inputs input_ids and "
                                 f"past_key_values.*, first output logits; found {names})")
         self.past = [i for i in session.inputs if _PAST.match(i.name)]
-        if len(names) != 1 + len(self.past):
-            other = [n for n in names if n != "input_ids" and not _PAST.match(n)]
+        other = [n for n in names if n != "input_ids" and not _PAST.match(n) and n not in _EXTRA]
+        if other:
             raise QCompileError(f"{session.path}: decoder inputs {other} are not supported by generate "
-                                "(only input_ids and past_key_values.*)")
+                                f"(input_ids, past_key_values.*, and optionally {', '.join(_EXTRA)})")
         presents = [o.name for o in session.outputs[1:]]
         expect = [p.name.replace("past_key_values", "present") for p in self.past]
         if presents != expect:
@@ -126,6 +127,17 @@ class Generator:
             arrays.append(np.zeros(shape, dtype=spec.dtype))
         return arrays
 
+    def _args(self, ids: np.ndarray, cache: list, past_len: int) -> list:
+        """The run's inputs in the model's order: ids, the cache, and the optional mask / positions."""
+        s = self.session
+        by_name = {"input_ids": s.device_tensor(ids)}
+        by_name.update(zip((p.name for p in self.past), cache))
+        total = past_len + ids.shape[1]
+        by_name["attention_mask"] = np.ones((1, total), dtype=np.int64)
+        by_name["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None]
+        return [v if not isinstance(v, np.ndarray) else s.device_tensor(v.astype(i.dtype))
+                for i in s.inputs for v in [by_name[i.name]]]
+
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_ids: Sequence[int] = ()) -> Iterator[int]:
         """Yield up to ``max_new_tokens`` new token ids after ``prompt_ids``, stopping after a stop id."""
@@ -138,9 +150,11 @@ class Generator:
         s = self.session
         t0 = time.perf_counter()
         cache = [s.device_tensor(a) for a in self._empty_past(1)]
-        ids = s.device_tensor(prompt)
+        ids = prompt
+        past_len = 0
         for step in range(max_new_tokens):
-            outs = s.run_device([ids, *cache])
+            outs = s.run_device(self._args(ids, cache, past_len))
+            past_len += ids.shape[1]
             logits = outs[0].numpy()[0, -1]
             token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, float(rng.random()))
             cache = outs[1:]
@@ -154,7 +168,7 @@ class Generator:
             yield token
             if token in stops:
                 return
-            ids = s.device_tensor(np.array([[token]], dtype=np.int64))
+            ids = np.array([[token]], dtype=np.int64)
             t0 = time.perf_counter()
 
     def generate(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
