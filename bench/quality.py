@@ -25,6 +25,7 @@ setting per method) is a smoke test that writes JSON only where ``--out`` is giv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -117,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
                   "bpw": "every stored bit of the 210 block linear weights (q/k/v/o/gate/up/down) / their "
                          "number; embedding and tied head excluded and kept float by every method",
                   "kld": "mean over scored tokens of KL(p_float || p_method) in nats"}
+        backup = cache / "quality-runs" / f"{run_id}.json"  # the run's rows, whatever merge says
+        backup.parent.mkdir(parents=True, exist_ok=True)
+        backup.write_text(json.dumps({"header": header, "skipped": ctx.skipped, "rows": {
+            k: [dataclasses.asdict(r) for r in v] for k, v in results.items()}}, indent=1))
         doc = merge(out, header, results, run_id, ctx.skipped)
         png = plot(doc, out.with_suffix(".png"))
         print(f"wrote {out} and {png}")

@@ -13,7 +13,8 @@ onnxruntime (the reference):
 
 Rows per model and bpw (3.0, 4.25, 5.0):
 
-    qcompile              calibrated: GPTQ + H-weighted error allocation; calibration data disjoint from the
+    qcompile              calibrated: the full pipeline (AWQ auto, GPTQ measurement with split formats,
+                          sensitivity-weighted allocation, GPTQ); calibration data disjoint from the
                           evaluation data (below)
     qcompile rtn          no calibration: round-to-nearest + weight-error allocation
     uniform rtn qB        every quantizable weight in B bits (B = 3, 4, 5), the largest group size (<= 128) that

@@ -119,6 +119,7 @@ class Evaluator:
     def describe(self) -> dict:
         n, length = self.windows.shape
         return {"windows": int(n), "window_tokens": int(length), "scored_tokens": self.tokens,
+                "tokens_sha256": hashlib.sha256(self.windows.tobytes()).hexdigest()[:16],
                 "reference": self.reference.name}
 
 

@@ -42,14 +42,14 @@ def merge(path: Path, header: dict, methods: dict[str, list[Row]], run_id: str,
     fewer rows drops all its old ones), are replaced; other rows stay.
     """
     doc = json.loads(path.read_text()) if path.is_file() else {}
-    if doc.get("rows") and doc.get("eval") != header.get("eval"):
-        raise ValueError(
-            f"{path} holds rows scored on other tokens ({doc.get('eval')}) than this run "
-            f"({header.get('eval')}): rows must share their tokens to be compared; write to another --out "
-            "or delete the file"
-        )
     new = {r.method for rows in methods.values() for r in rows}
     old = [r for r in doc.get("rows", []) if r["method"] not in new and r.get("registry") not in methods]
+    if old and _scored_on(doc.get("eval")) != _scored_on(header.get("eval")):
+        raise ValueError(
+            f"{path} holds rows ({sorted({r['method'] for r in old})[:5]}...) scored on other tokens "
+            f"({doc.get('eval')}) than this run ({header.get('eval')}): rows must share their tokens to be "
+            "compared; re-run those methods too (--methods all), write to another --out or delete the file"
+        )
     here = machine()
     fresh = []
     for name, method_rows in methods.items():
@@ -100,6 +100,13 @@ def goal(rows: list[dict]) -> list[dict]:
         out.append({"bpw": r["bpw"], "kld": r["kld"], "peer": best["method"], "peer_bpw": best["bpw"],
                     "peer_kld": best["kld"], "ratio": round(ratio, 3), "met": ratio <= GOAL_RATIO})
     return out
+
+
+def _scored_on(ev: dict | None) -> tuple:
+    """What makes two runs' rows comparable: the same windows of the same token ids (the reference
+    file's name also hashes the float model folder's timestamp, which says nothing about the tokens)."""
+    ev = ev or {}
+    return ev.get("windows"), ev.get("window_tokens"), ev.get("tokens_sha256")
 
 
 def family(method: str) -> str:
