@@ -24,10 +24,7 @@ is plain data (JSON) so a new ``--bpw`` re-runs only allocation (like EXL2's mea
 
 from __future__ import annotations
 
-import json
 import logging
-import os
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -37,6 +34,7 @@ from .allocate import Candidate, TensorChoices
 from .calibrate import CalibrationStats
 from .formats import QuantizedWeight, formats_for
 from .gptq import gptq_quantize, gptq_quantize_parts, h_error
+from .keyed import load_keyed, save_keyed
 from .quantizable import QuantTarget
 from .quantize import Quantizer, rtn_quantizer
 from .salient import AnyFormat, SplitFormat, SplitWeight, salient_order, split_formats_for
@@ -131,26 +129,17 @@ def measure_rtn(targets, weights, rows: int = 128, progress=None) -> list[Tensor
 
 def save_table(path: str | Path, key: dict, tensors: list[TensorChoices]) -> None:
     """Write the measurement table (JSON, atomically); ``key`` says what it was measured on."""
-    path = Path(path)
-    data = {"format": TABLE_FORMAT, "key": key, "tensors": [
+    save_keyed(path, TABLE_FORMAT, key, [
         {"name": t.name, "n_weights": t.n_weights,
          "candidates": [{"format": c.format_name, "bits": c.bits, "error": c.error} for c in t.candidates]}
-        for t in tensors]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f)
-    os.replace(tmp, path)
+        for t in tensors])
 
 
 def load_table(path: str | Path, key: dict) -> list[TensorChoices] | None:
     """The table at ``path`` if it was measured with the same ``key``, else None."""
-    try:
-        data = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if data.get("format") != TABLE_FORMAT or data.get("key") != key:
+    rows = load_keyed(path, TABLE_FORMAT, key)
+    if rows is None:
         return None
     return [TensorChoices(t["name"], t["n_weights"], tuple(Candidate(c["format"], c["bits"], c["error"])
                                                             for c in t["candidates"]))
-            for t in data["tensors"]]
+            for t in rows]

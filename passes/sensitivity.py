@@ -26,13 +26,10 @@ window of 128). With the weights fed as graph inputs one onnxruntime session ser
 
 from __future__ import annotations
 
-import json
+import dataclasses
 import logging
-import os
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +39,7 @@ import onnxruntime as ort
 from .calibrate import CalibrationStats
 from .formats import PRESETS, WeightFormat, formats_for
 from .gptq import h_error
+from .keyed import load_keyed, save_keyed
 from .quantizable import QuantTarget
 
 __all__ = ["Sensitivity", "measure_sensitivity", "output_divergence", "probe_format",
@@ -58,7 +56,7 @@ _FLOOR = 1e-3  # sensitivities are floored at this fraction of the median (a zer
 _FILE_FORMAT = 1
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Sensitivity:
     """One weight's probe: layer error e of the probe, output divergence D, and s = D / e."""
 
@@ -195,23 +193,10 @@ def measure_sensitivity(
 
 def save_sensitivity(path: str | Path, key: dict, table: Mapping[str, Sensitivity]) -> None:
     """Write the sensitivities (JSON, atomically); ``key`` says what they were measured on."""
-    path = Path(path)
-    doc = {"format": _FILE_FORMAT, "key": key,
-           "tensors": [{"name": s.name, "probe": s.probe, "layer_error": s.layer_error,
-                        "divergence": s.divergence, "sensitivity": s.sensitivity} for s in table.values()]}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f)
-    os.replace(tmp, path)
+    save_keyed(path, _FILE_FORMAT, key, [dataclasses.asdict(s) for s in table.values()])
 
 
 def load_sensitivity(path: str | Path, key: dict) -> dict[str, Sensitivity] | None:
     """The table at ``path`` if it was measured with the same ``key``, else None."""
-    try:
-        doc = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    if doc.get("format") != _FILE_FORMAT or doc.get("key") != key:
-        return None
-    return {t["name"]: Sensitivity(**t) for t in doc["tensors"]}
+    rows = load_keyed(path, _FILE_FORMAT, key)
+    return None if rows is None else {t["name"]: Sensitivity(**t) for t in rows}
