@@ -365,8 +365,9 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     tried = []
     t0 = time.perf_counter()
     for use_awq in settings:
-        if len(settings) > 1:
-            run.model = ir.from_proto(run.proto)  # each setting starts from the float model as loaded
+        if use_awq and len(settings) > 1:
+            # the scaling edits the model in place: the unscaled setting keeps the model as loaded
+            run.model = ir.from_proto(run.proto)
         st, key, outliers = stats, stats_key, {}
         if use_awq:
             t1 = time.perf_counter()

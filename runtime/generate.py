@@ -110,6 +110,7 @@ class Generator:
         if other:
             raise QCompileError(f"{session.path}: decoder inputs {other} are not supported by generate "
                                 f"(input_ids, past_key_values.*, and optionally {', '.join(_EXTRA)})")
+        self.extra = {i.name: np.dtype(i.dtype) for i in session.inputs if i.name in _EXTRA}
         presents = [o.name for o in session.outputs[1:]]
         expect = [p.name.replace("past_key_values", "present") for p in self.past]
         if presents != expect:
@@ -133,10 +134,12 @@ class Generator:
         by_name = {"input_ids": s.device_tensor(ids)}
         by_name.update(zip((p.name for p in self.past), cache))
         total = past_len + ids.shape[1]
-        by_name["attention_mask"] = np.ones((1, total), dtype=np.int64)
-        by_name["position_ids"] = np.arange(past_len, total, dtype=np.int64)[None]
-        return [v if not isinstance(v, np.ndarray) else s.device_tensor(v.astype(i.dtype))
-                for i in s.inputs for v in [by_name[i.name]]]
+        if "attention_mask" in self.extra:
+            by_name["attention_mask"] = s.device_tensor(np.ones((1, total), dtype=self.extra["attention_mask"]))
+        if "position_ids" in self.extra:
+            by_name["position_ids"] = s.device_tensor(
+                np.arange(past_len, total, dtype=self.extra["position_ids"])[None])
+        return [by_name[i.name] for i in s.inputs]
 
     def stream(self, prompt_ids: Sequence[int], max_new_tokens: int, sampling: Sampling = Sampling(),
                stop_ids: Sequence[int] = ()) -> Iterator[int]:

@@ -170,7 +170,7 @@ class Session:
                 raise QCompileError(
                     f"{self.path}: input {spec.name!r} expects shape {list(spec.shape)}, found {list(a.shape)}"
                 )
-            args.append(self._tvm.runtime.tensor(np.ascontiguousarray(a), self._dev))
+            args.append(self.device_tensor(a))
         return args
 
     def device_tensor(self, a: np.ndarray):
@@ -208,9 +208,7 @@ class Session:
 
     def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
         """Run the model; ``output_names=None`` returns every output in the model's order."""
-        result = self._main(*self._prepare(feeds), *self._params)
-        values = [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
-        by_name = {o.name: v for o, v in zip(self.outputs, values)}
+        by_name = {o.name: v for o, v in zip(self.outputs, self.run_device(self._prepare(feeds)))}
         if output_names is None:
             output_names = [o.name for o in self.outputs]
         unknown = [n for n in output_names if n not in by_name]
