@@ -35,6 +35,13 @@ def _outlier_inputs(rng, rows: int, k: int, loud: int = 12) -> np.ndarray:
     return x
 
 
+def _layer(seed: int, n: int, k: int, rows: int, loud: int) -> tuple[np.ndarray, np.ndarray]:
+    """A random weight [N, K] and the Gram matrix H of inputs with ``loud`` outlier channels."""
+    rng = np.random.default_rng(seed)
+    x = _outlier_inputs(rng, rows, k, loud=loud)
+    return rng.standard_normal((n, k)).astype(np.float32), x.T @ x
+
+
 def test_names_storage_and_fit():
     assert SPLIT.name == "q3g32+q5g32/8" and format_by_name(SPLIT.name) == SPLIT
     assert format_by_name("q4g64") is PRESETS["q4g64"]
@@ -70,11 +77,8 @@ def test_rtn_split_weight_dequantizes_into_the_permuted_columns():
 
 
 def test_gptq_parts_match_a_textbook_loop_with_per_column_formats():
-    rng = np.random.default_rng(1)
     n, k = 12, 128
-    x = _outlier_inputs(rng, 400, k, loud=6)
-    H = x.T @ x
-    w = rng.standard_normal((n, k)).astype(np.float32)
+    w, H = _layer(1, n, k, rows=400, loud=6)
     parts = [(PRESETS["q5g32"], 32), (PRESETS["q3g32"], 96)]
     got = gptq_quantize_parts(w, H, parts, act_order=False, block_size=16)
 
@@ -98,11 +102,8 @@ def test_gptq_parts_match_a_textbook_loop_with_per_column_formats():
 
 
 def test_salient_channels_at_more_bits_cut_the_output_error():
-    rng = np.random.default_rng(2)
     n, k = 512, 512
-    x = _outlier_inputs(rng, 2048, k, loud=24)
-    H = x.T @ x
-    w = rng.standard_normal((n, k)).astype(np.float32)
+    w, H = _layer(2, n, k, rows=2048, loud=24)
     perm = salient_order(np.diag(H))
     split = SplitFormat(PRESETS["q3g64"], PRESETS["q5g64"], 8)
     kh = split.k_hi(k)
