@@ -33,6 +33,9 @@ ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
 PANEL_K = 512  # K extent of the dequantized weight panel in the GEMM path (t*512*4 B in L1/L2)
 OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
+# Scratch buffers are allocated with scope="global": TVM 0.27 makes a constant-size "global" buffer under
+# 1 KiB a stack alloca, but sends every "local" one through TVMBackendAllocWorkspace/FreeWorkspace on
+# each loop iteration that declares it (measured: 2x on a 576x1536 GEMV).
 
 
 def tile_for(n: int) -> int:
@@ -129,8 +132,8 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
         for nt in T.parallel(nt_):
             if m < rb:
                 for r in range(m):
-                    acc = T.alloc_buffer((t,), "float32", scope="local")
-                    part = T.alloc_buffer((ACCS, t), "float32", scope="local")
+                    acc = T.alloc_buffer((t,), "float32", scope="global")
+                    part = T.alloc_buffer((ACCS, t), "float32", scope="global")
                     for tt in T.vectorized(t):
                         acc[tt] = T.float32(0)
                     for gi in range(kg):
@@ -154,8 +157,8 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
                         y[r, nt * t + tt] = acc[tt]
             else:
                 # GEMM: dequantize a [KC, t] panel of the tile once (L1), reuse it for every row block
-                wd = T.alloc_buffer((kc_, t), "float32", scope="local")
-                acc = T.alloc_buffer((rb, t), "float32", scope="local")
+                wd = T.alloc_buffer((kc_, t), "float32", scope="global")
+                acc = T.alloc_buffer((rb, t), "float32", scope="global")
                 for kc in range(k // kc_):
                     for gl in range(kc_ // g):
                         for kb in range(kb_):
