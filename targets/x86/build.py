@@ -23,7 +23,7 @@ def relax_pipeline(target):
             seq = tvm.transform.Sequential(
                 [relax.transform.DecomposeOpsForInference()]
                 + cpu.library_dispatch_passes(target)
-                + cpu.legalize_passes(target)
+                + _with_scalar_producers_unfused(cpu.legalize_passes(target))
                 + [default_schedule_pass()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
@@ -31,6 +31,37 @@ def relax_pipeline(target):
             return seq(mod)
 
     return _pipeline
+
+
+def _with_scalar_producers_unfused(passes: list) -> list:
+    """``passes`` with :func:`scalar_producers_opaque` right after ``AnnotateTIROpPattern``."""
+    at = next(i for i, p in enumerate(passes) if p.info.name == "AnnotateTIROpPattern") + 1
+    return [*passes[:at], scalar_producers_opaque(), *passes[at:]]
+
+
+def scalar_producers_opaque():
+    """Mark kernels that build a tensor from scalar arguments only (``shape_to_tensor(batch, n)``, a
+    symbolic ``arange``) as opaque, so that ``FuseOps`` leaves them alone.
+
+    Fused with kernels whose buffers define the same shape variables, they make ``FuseTIR`` define a
+    variable twice ("Check failed: VarRemapGet(source) == nullptr" in RenewDefs, TVM 0.27): GatherND's
+    negative-index normalization over a symbolic-shape tensor does this (torch.onnx dynamo exports of
+    transformers decoders). They are tiny; an unfused launch costs nothing measurable.
+    """
+    import tvm  # noqa: PLC0415
+    from tvm import tirx  # noqa: PLC0415
+
+    @tvm.transform.module_pass(opt_level=0, name="ScalarProducersOpaque")
+    def _pass(mod, _ctx):
+        for gv, func in list(mod.functions.items()):
+            if not isinstance(func, tirx.PrimFunc):
+                continue
+            scalars = [v for v in func.params if isinstance(v.ty, tvm.ir.PrimType)]
+            if scalars and len(func.params) - len(scalars) == 1:  # only the output is a buffer
+                mod[gv] = func.with_attr("op_pattern", 8)  # kOpaque
+        return mod
+
+    return _pass
 
 
 def build_library(mod, tvm_target: dict, out_path: str) -> None:

@@ -22,6 +22,7 @@ from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
 from . import kernels
+from .onnx_gaps import gap_converters
 
 __all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
 
@@ -171,25 +172,31 @@ def _convert_qconv(bb, inputs, attr, params):
 
 
 def _symbolic_range(fe, inputs, params):
-    """``Range(start, limit, delta)`` with constant integer start/delta and a symbolic limit (a dim
-    such as ``sequence``) as ``arange(start, limit, delta)``: the length stays an expression of the
-    input dims.  TVM's converter computes the length as a tensor and binds a new data-dependent var
-    to it (``range_len_0``), which ``FuseOps`` cannot fuse across (VMShapeLower then fails: "has not
-    been computed").  Returns ``None`` when this does not apply.
+    """``Range(start, limit, delta)`` with a constant integer delta, a symbolic limit (a dim such as
+    ``sequence``) and a constant or symbolic start (optimum's ``arange(past, past + sequence)``) as
+    ``arange(start, limit, delta)``: the length stays an expression of the input dims.  TVM's converter
+    computes the length as a tensor and binds a new data-dependent var to it (``range_len_0``), which
+    ``FuseOps`` cannot fuse across (VMShapeLower then fails: "has not been computed").  Returns ``None``
+    when this does not apply.
     """
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
 
+    def symbolic(x):
+        return tvm.ir.is_prim_expr(x) and str(getattr(x, "dtype", None) or x.ty) == "int64"
+
     start, limit, delta = (fe.get_constant(x, params) for x in inputs)
-    if not tvm.ir.is_prim_expr(limit) or str(getattr(limit, "dtype", None) or limit.ty) != "int64":
+    if not symbolic(limit):
         return None
     consts = [c.value.numpy() for c in (start, delta) if isinstance(c, tvm.ir.GenericConst)]
+    if symbolic(start):  # arange(past, past + sequence): optimum's cache_position
+        consts.insert(0, np.array(0, np.int64))
     if len(consts) != 2 or any(c.size != 1 or c.dtype not in (np.int32, np.int64) for c in consts):
         return None
     start_v, delta_v = (int(c.reshape(())) for c in consts)
     if delta_v <= 0:
         return None
-    return relax.op.arange(start_v, limit, delta_v, str(consts[0].dtype))
+    return relax.op.arange(start if symbolic(start) else start_v, limit, delta_v, str(consts[0].dtype))
 
 
 @contextlib.contextmanager
@@ -218,6 +225,7 @@ def _our_converters():
         table[qops.QMATMUL] = QMatMul
         table[qops.QCONV] = QConv
         table["Range"] = Range
+        table.update(gap_converters(fe))
         return table
 
     _EMITTER = _Emitter()
