@@ -22,6 +22,7 @@ import onnx_ir as ir
 from qcompile.passes.allocate import AllocationError, TensorChoices, allocate
 from qcompile.passes.calibrate import CalibrationError, CalibrationStats, calibrate, model_hash
 from qcompile.passes.formats import PRESETS
+from qcompile.passes.fuse_attention import fuse_attention
 from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
 from qcompile.passes.outliers import DEFAULT_FORMAT as AWQ_FORMAT
 from qcompile.passes.outliers import ActivationScalePass, scaled_stats
@@ -69,6 +70,7 @@ class CompileOptions:
     sensitivity_samples: int = 4  # calibration samples the sensitivity probes run on
     head_bits: int | None = None  # the output projection at this width, outside the --bpw average
     workdir: str | Path | None = None  # stats and measurements, reused across runs
+    fuse: bool = True  # decoder fusions before lowering (passes/fuse_*.py); False: the graph as quantized
 
 
 @dataclass
@@ -415,11 +417,22 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     seconds = dict(q.seconds)
     t0 = time.perf_counter()
     backend = X86Target(spec)
-    lowered = backend.lower(q.qproto)
+    qproto, interface, cache = q.qproto, q.proto, None
+    fusion: dict = {"enabled": opts.fuse}
+    if opts.fuse:
+        attn = fuse_attention(qproto)
+        qproto, cache = attn.model, attn.cache
+        fusion |= {"attention": attn.attention, "kv_cache": cache is not None}
+        if cache is not None:  # the model's inputs and outputs changed: the manifest shows the new ones
+            interface = qproto
+    lowered = backend.lower(qproto)
     seconds["lower"] = time.perf_counter() - t0
 
-    manifest = build_manifest(q.proto, spec, opts, q.records, q.targets, lowered, q.float_weights,
+    manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
+    manifest["fusion"] = fusion
+    if cache is not None:
+        manifest["kv_cache"] = cache.to_manifest()
     manifest["outliers"] = q.outliers
     manifest["sensitivity"] = q.sensitivity
     extra = {"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")}

@@ -10,11 +10,29 @@ one of these ops (canonical packing of :mod:`qcompile.passes.formats`, weight vi
         (group == 1; K = C*kh*kw in ONNX's weight order)  Y = Conv(X, dequantize(W).reshape(N, C, kh, kw))
 
 ``W0``/``W1`` are the bit planes (``W1`` is empty for 2/4/8 bits).
+
+Decoder attention (:mod:`qcompile.passes.fuse_attention`; Q/Y [B, H, S, Dh], K/V the S new
+positions [B, KV, S, Dh], H a multiple of KV; float32)::
+
+    CausalAttention(Q, K, V, K_past, V_past, past_positions?) -> Y[B, H, S, Dh]
+        attrs: num_heads, num_kv_heads, scale
+        P = len(past_positions) if given (K_past/V_past are then cache buffers [B, KV, C, Dh], C >= P,
+        of which positions [0, P) are read), else P = K_past.shape[2];
+        keys = Concat(K_past[:, :, :P], K), values likewise, key head of query head h: h // (H/KV);
+        Y = softmax(Q · keysᵀ · scale + causal) · values,  causal: query t sees keys s <= P + t
+    CacheUpdate(cache[B, KV, C, Dh], new[B, KV, S, Dh], past_positions[P]) -> cache'[B, KV, C, Dh]
+        cache' = cache with positions [P, P + S) set to new (P + S <= C). Lowered in place: the input
+        buffer is dead after its update (a graph input whose only other readers are CausalAttention
+        ops reading positions [0, P)), so cache' is the same memory: the KV cache is allocated once.
+
+``past_positions`` is int64 arange(P): only its length is read; it carries P as a symbolic dim.
 """
 
 DOMAIN = "qcompile"
 QMATMUL = "QMatMul"
 QCONV = "QConv"
+ATTENTION = "CausalAttention"
+CACHE_UPDATE = "CacheUpdate"
 OPSET = 1
 
-__all__ = ["DOMAIN", "QMATMUL", "QCONV", "OPSET"]
+__all__ = ["DOMAIN", "QMATMUL", "QCONV", "ATTENTION", "CACHE_UPDATE", "OPSET"]

@@ -10,6 +10,16 @@ The cache stays on the device between steps: each step's ``present`` tensors are
 next ``past`` without a copy to numpy; only the last position's logits come to the host, where the
 next token is chosen (numba: greedy, temperature, top-k, top-p).
 
+An artifact whose attention was fused with an in-place cache (``manifest["kv_cache"]``, see
+:mod:`qcompile.passes.fuse_attention`) takes preallocated buffers instead:
+
+    inputs   past_key_values.{i}.key/.value [batch, kv, capacity, head_dim]   (positions [0, past) valid)
+             past_positions int64 [past]                                      (arange(past): its length)
+    outputs  present.{i}.key/.value: the same buffers, positions [past, past + seq) written in place
+
+The buffers are allocated once (capacity = prompt + max_new_tokens, or :meth:`Generator.reserve`), kept
+by the generator across calls, and passed unchanged at every step: no per-token reallocation or copy.
+
 numpy equivalent of :func:`sample` (temperature t > 0):
 
     z = logits / t;  keep the top_k largest (all if top_k == 0)
@@ -106,7 +116,11 @@ class Generator:
             raise QCompileError(f"{session.path}: not a decoder (expected inputs input_ids and "
                                 f"past_key_values.*, first output logits; found {names})")
         self.past = [i for i in session.inputs if _PAST.match(i.name)]
-        other = [n for n in names if n != "input_ids" and not _PAST.match(n) and n not in _EXTRA]
+        self.kv_cache = session.manifest.get("kv_cache")  # in-place buffers, or None: past/present tensors
+        self.buffers: list | None = None  # the in-place cache buffers (device tensors), in self.past order
+        self.capacity = 0
+        positions = (self.kv_cache["past_positions"],) if self.kv_cache else ()
+        other = [n for n in names if n != "input_ids" and not _PAST.match(n) and n not in _EXTRA + positions]
         if other:
             raise QCompileError(f"{session.path}: decoder inputs {other} are not supported by generate "
                                 f"(input_ids, past_key_values.*, and optionally {', '.join(_EXTRA)})")
@@ -128,6 +142,21 @@ class Generator:
             arrays.append(np.zeros(shape, dtype=spec.dtype))
         return arrays
 
+    def reserve(self, capacity: int, batch: int = 1) -> list:
+        """The in-place cache buffers, holding at least ``capacity`` positions (allocated only to grow)."""
+        if not self.kv_cache:
+            raise QCompileError(f"{self.session.path}: this artifact has no in-place KV cache")
+        if self.buffers is None or self.capacity < capacity or self.buffers[0].shape[0] != batch:
+            shapes = [[batch, spec.shape[1], capacity, spec.shape[3]] for spec in self.past]
+            if not all(isinstance(d, int) for shape in shapes for d in shape):
+                raise QCompileError(f"{self.session.path}: cache inputs {[p.name for p in self.past]} have "
+                                    f"symbolic dims besides batch and capacity")
+            self.buffers = [self.session.device_tensor(np.zeros(shape, spec.dtype))
+                            for shape, spec in zip(shapes, self.past)]
+            self.capacity = capacity
+            log.debug("KV cache: %d buffers [%d, %d, %d, %d]", len(shapes), *shapes[0])
+        return self.buffers
+
     def _args(self, ids: np.ndarray, cache: list, past_len: int) -> list:
         """The run's inputs in the model's order: ids, the cache, and the optional mask / positions."""
         s = self.session
@@ -136,6 +165,8 @@ class Generator:
         total = past_len + ids.shape[1]
         if "attention_mask" in self.extra:
             by_name["attention_mask"] = s.device_tensor(np.ones((1, total), dtype=self.extra["attention_mask"]))
+        if self.kv_cache:
+            by_name[self.kv_cache["past_positions"]] = s.device_tensor(np.arange(past_len, dtype=np.int64))
         if "position_ids" in self.extra:
             by_name["position_ids"] = s.device_tensor(
                 np.arange(past_len, total, dtype=self.extra["position_ids"])[None])
@@ -152,7 +183,10 @@ class Generator:
         self.stats = GenerationStats(prompt_tokens=prompt.shape[1])
         s = self.session
         t0 = time.perf_counter()
-        cache = [s.device_tensor(a) for a in self._empty_past(1)]
+        if self.kv_cache:
+            cache = self.reserve(max(self.capacity, prompt.shape[1] + max_new_tokens))
+        else:
+            cache = [s.device_tensor(a) for a in self._empty_past(1)]
         ids = prompt
         past_len = 0
         for step in range(max_new_tokens):
@@ -160,7 +194,8 @@ class Generator:
             past_len += ids.shape[1]
             logits = outs[0].numpy()[0, -1]
             token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, float(rng.random()))
-            cache = outs[1:]
+            if not self.kv_cache:
+                cache = outs[1:]  # (with the in-place cache, outs[1:] are the same buffers)
             now = time.perf_counter()
             if step == 0:
                 self.stats.prefill_seconds = now - t0

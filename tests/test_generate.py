@@ -25,7 +25,8 @@ def tiny(tmp_path_factory):
     d = tmp_path_factory.mktemp("tiny-llm")
     hf = tiny_hf_model("llama", seed=3)
     hf.save_pretrained(d / "hf", safe_serialization=True)
-    arts = {bpw: compile_model(d / "hf", d / f"m{bpw}.qcm", CompileOptions(bpw=bpw, min_weights=0))
+    # float weights with fused attention and the in-place KV cache (the default); 5 bpw without fusion
+    arts = {bpw: compile_model(d / "hf", d / f"m{bpw}.qcm", CompileOptions(bpw=bpw, min_weights=0, fuse=bpw > 8))
             for bpw in (16.0, 5.0)}
     return hf, d / "hf", arts
 
@@ -43,12 +44,21 @@ def test_compiled_decoder_matches_onnxruntime_through_prefill_and_decode(tiny):
         ours = rt.load(art.path)
         names = [o.name for o in ours.outputs]
         feeds = {"input_ids": np.array([[3, 17, 101, 45, 9, 200, 12]], np.int64), **_past()}
+        in_place = "kv_cache" in ours.manifest  # buffers of capacity 12 and past_positions instead of past
+        assert in_place == (bpw == 16.0)
+        ours_past = {n: np.zeros((1, 2, 12, 16), np.float32) for n in _past()} if in_place else _past()
         for step in range(3):  # prefill of 7, then two single-token steps through each side's own cache
-            ref, got = ort_s.run(None, feeds), ours.run(names, feeds)
+            past_len = feeds["past_key_values.0.key"].shape[2]
+            ref = ort_s.run(None, feeds)
+            extra = {"past_positions": np.arange(past_len)} if in_place else {}
+            got = ours.run(names, {"input_ids": feeds["input_ids"], **ours_past, **extra})
+            ours_past = {n.replace("present", "past_key_values"): v for n, v in zip(names[1:], got[1:])}
+            if in_place:  # the buffers' valid positions are the present tensors
+                got = [got[0], *(v[:, :, :past_len + feeds["input_ids"].shape[1]] for v in got[1:])]
             for a, b in zip(got, ref):
                 np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(b).max())
             feeds = {"input_ids": np.array([[int(got[0][0, -1].argmax())]], np.int64),
-                     **{n.replace("present", "past_key_values"): v for n, v in zip(names[1:], got[1:])}}
+                     **{n.replace("present", "past_key_values"): v for n, v in zip(names[1:], ref[1:])}}
         assert got[1].shape == (1, 2, 9, 16)
 
 

@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
-from . import kernels
+from . import attention_kernels, kernels
 from .onnx_gaps import gap_converters
 
 __all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
@@ -45,7 +45,7 @@ def _retile(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
     inits = {t.name: t for t in graph.initializer}
     out: dict[str, np.ndarray] = {}
     for node in graph.node:
-        if node.domain != qops.DOMAIN:
+        if node.domain != qops.DOMAIN or node.op_type not in (qops.QMATMUL, qops.QCONV):
             continue
         n = next(a.i for a in node.attribute if a.name == "N")
         t = kernels.tile_for(n)
@@ -171,6 +171,30 @@ def _convert_qconv(bb, inputs, attr, params):
     return _back(bb, y, dtype)
 
 
+def _convert_attention(bb, inputs, attr, params):
+    """``qcompile::CausalAttention`` -> ``call_tir`` of :func:`.attention_kernels.attention`."""
+    from tvm import relax  # noqa: PLC0415
+
+    h, kv, scale = int(attr["num_heads"]), int(attr["num_kv_heads"]), float(attr["scale"])
+    cached = len(inputs) > 5 and inputs[5] is not None
+    q = inputs[0]
+    d = int(q.ty.shape.values[3])
+    key = ("attention", h, kv, d, "cache" if cached else "past", f"{scale:.9g}".replace(".", "p").replace("-", "m"))
+    gv = _EMITTER.kernel(bb, key, lambda: attention_kernels.attention(h, kv, d, scale, cached))
+    return bb.emit(relax.call_tir(gv, list(inputs[:6 if cached else 5]), relax.TensorType(q.ty.shape, "float32")))
+
+
+def _convert_cache_update(bb, inputs, attr, params):
+    """``qcompile::CacheUpdate`` -> :func:`.attention_kernels.cache_update` in place (``call_tir_inplace``):
+    the cache is a graph input that nothing reads after its update (:mod:`qcompile.passes.fuse_attention`)."""
+    from tvm import relax  # noqa: PLC0415
+
+    cache, new, past = inputs
+    kv, d = (int(cache.ty.shape.values[i]) for i in (1, 3))
+    gv = _EMITTER.kernel(bb, ("cache_update", kv, d), lambda: attention_kernels.cache_update(kv, d))
+    return bb.emit(relax.call_tir_inplace(gv, [cache, new, past], [0], relax.TensorType(cache.ty.shape, "float32")))
+
+
 def _symbolic_range(fe, inputs, params):
     """``Range(start, limit, delta)`` with a constant integer delta, a symbolic limit (a dim such as
     ``sequence``) and a constant or symbolic start (optimum's ``arange(past, past + sequence)``) as
@@ -212,6 +236,12 @@ def _our_converters():
     class QConv(fe.OnnxOpConverter):
         _impl_v1 = staticmethod(_convert_qconv)
 
+    class CausalAttention(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_attention)
+
+    class CacheUpdate(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_cache_update)
+
     class Range(fe.Range):
         @classmethod
         def _impl_v12(cls, bb, inputs, attr, params):
@@ -224,6 +254,8 @@ def _our_converters():
         table = original()
         table[qops.QMATMUL] = QMatMul
         table[qops.QCONV] = QConv
+        table[qops.ATTENTION] = CausalAttention
+        table[qops.CACHE_UPDATE] = CacheUpdate
         table["Range"] = Range
         table.update(gap_converters(fe))
         return table
