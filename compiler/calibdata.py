@@ -2,7 +2,9 @@
 
 - ``.npz``: one array per model input, keyed by input name. An array of the input's rank is split
   along its first (batch) axis into runs of the model's batch (1 where the batch is symbolic); an
-  array of rank + 1 holds one whole feed per entry of its first axis.
+  array of rank + 1 holds one whole feed per entry of its first axis. With ``input_ids`` given, a
+  decoder's ``attention_mask``, ``token_type_ids``, ``position_ids`` and ``past_*`` inputs may be left
+  out: they are filled as for text (below), so token ids alone calibrate an exported decoder.
 - ``.npy``: the same, for a model with a single input.
 - ``.txt``: text for a language model, tokenized with a Hugging Face ``tokenizer.json`` (``tokenizer``
   or beside the model), cut into ``n_samples`` evenly spaced windows of ``seq_len`` tokens. Inputs are
@@ -123,7 +125,23 @@ def _check_shape(path: Path, inp: InputSpec, sample: np.ndarray, what: str) -> N
                                    f"{list(sample.shape)}")
 
 
+def _fillable(inp: InputSpec) -> bool:
+    """An input filled from input_ids' shape when a calibration file leaves it out (module doc)."""
+    return inp.past or (inp.name in _TEXT_INPUTS and inp.name != "input_ids")
+
+
+def _fill(inp: InputSpec, ids: np.ndarray) -> np.ndarray:
+    """``inp`` for a run whose input_ids are ``ids`` [batch, seq]: an empty past, or mask / types / positions."""
+    if inp.past:
+        return np.zeros((ids.shape[0], *_empty_past(inp).shape[1:]), inp.dtype)
+    return _text_value(inp.name, list(ids.shape), inp.dtype)
+
+
 def _split(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputSpec], n_samples: int):
+    filled = [i for i in inputs if i.name not in arrays and _fillable(i)] if "input_ids" in arrays else []
+    if filled:
+        log.info("%s: filling %s from input_ids", path, [i.name for i in filled])
+    inputs = [i for i in inputs if i not in filled]
     names = [i.name for i in inputs]
     missing = [n for n in names if n not in arrays]
     unknown = [n for n in arrays if n not in names]
@@ -161,7 +179,10 @@ def _split(path: Path, arrays: dict[str, np.ndarray], inputs: list[InputSpec], n
         raise CalibrationDataError(f"{path}: holds no samples")
     if total > n_samples:
         log.info("%s: using the first %d of %d samples", path, n_samples, total)
-    return [{n: per_input[n][i] for n in names} for i in range(min(total, n_samples))]
+    feeds = [{n: per_input[n][i] for n in names} for i in range(min(total, n_samples))]
+    for feed in feeds:
+        feed.update({i.name: _fill(i, feed["input_ids"]) for i in filled})
+    return feeds
 
 
 # -- text -----------------------------------------------------------------------------------------------
