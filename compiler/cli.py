@@ -92,6 +92,8 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workdir", default=None,
                    help="where calibration stats and measurements are kept and reused "
                         "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
+    c.add_argument("--no-fuse", action="store_true",
+                   help="no decoder fusions (RMSNorm, rotary, gated MLP, attention): lower the graph as quantized")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     i = sub.add_parser("info", parents=[common], help="describe an artifact")
     i.add_argument("artifact")
@@ -115,7 +117,7 @@ def _cmd_compile(args, console) -> int:
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq="off" if args.no_awq else args.awq,
                           salient=not args.no_salient, sensitivity=not args.no_sensitivity, sensitivity_samples=args.sensitivity_samples,
-                          workdir=args.workdir)
+                          workdir=args.workdir, fuse=not args.no_fuse)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights
     out = Path(args.output)

@@ -23,6 +23,7 @@ from qcompile.passes.allocate import AllocationError, TensorChoices, allocate
 from qcompile.passes.calibrate import CalibrationError, CalibrationStats, calibrate, model_hash
 from qcompile.passes.formats import PRESETS
 from qcompile.passes.fuse_attention import fuse_attention
+from qcompile.passes.fuse_decoder import fuse_decoder
 from qcompile.passes.measure import MEASURE_ROWS, error_measure_name, load_table, make_quantizer, measure, save_table
 from qcompile.passes.outliers import DEFAULT_FORMAT as AWQ_FORMAT
 from qcompile.passes.outliers import ActivationScalePass, scaled_stats
@@ -419,6 +420,9 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     backend = X86Target(spec)
     qproto, interface, cache = q.qproto, q.proto, None
     fusion: dict = {"enabled": opts.fuse}
+    if opts.fuse and backend.decoder_fusion:
+        qproto, counts = fuse_decoder(qproto)
+        fusion |= counts
     if opts.fuse:
         attn = fuse_attention(qproto)
         qproto, cache = attn.model, attn.cache

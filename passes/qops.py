@@ -26,6 +26,18 @@ positions [B, KV, S, Dh], H a multiple of KV; float32)::
         ops reading positions [0, P)), so cache' is the same memory: the KV cache is allocated once.
 
 ``past_positions`` is int64 arange(P): only its length is read; it carries P as a symbolic dim.
+
+Decoder elementwise blocks (:mod:`qcompile.passes.fuse_decoder`; float32)::
+
+    RMSNorm(X[..., D], gamma[D]) -> Y[..., D]          attrs: epsilon
+        Y = X / sqrt(mean(X², axis=-1) + epsilon) · gamma
+    AddRMSNorm(A[..., D], B[..., D], gamma[D]) -> (Y[..., D], S[..., D])    attrs: epsilon
+        S = A + B (no broadcasting),  Y = RMSNorm(S, gamma)      (a residual add and the norm after it)
+    Rotary(X, cos, sin) -> Y[B, H, S, Dh]               attrs: heads_axis (1: X is [B, H, S, Dh];
+        2: X is [B, S, H, Dh], heads not yet transposed)   cos/sin [S, Dh], [1, S, Dh] or [B|1, 1, S, Dh]
+        Y = Xt·cos + rotate_half(Xt)·sin,  Xt = X as [B, H, S, Dh], rotate_half([a, b]) = [-b, a] (halves of Dh)
+    GatedAct(gate[..., N], up[..., N]) -> Y[..., N]     attrs: activation (silu | gelu_tanh | gelu)
+        Y = activation(gate) · up              (SwiGLU / GeGLU)
 """
 
 DOMAIN = "qcompile"
@@ -33,6 +45,11 @@ QMATMUL = "QMatMul"
 QCONV = "QConv"
 ATTENTION = "CausalAttention"
 CACHE_UPDATE = "CacheUpdate"
+RMSNORM = "RMSNorm"
+ADD_RMSNORM = "AddRMSNorm"
+ROTARY = "Rotary"
+GATED_ACT = "GatedAct"
 OPSET = 1
 
-__all__ = ["DOMAIN", "QMATMUL", "QCONV", "ATTENTION", "CACHE_UPDATE", "OPSET"]
+__all__ = ["DOMAIN", "QMATMUL", "QCONV", "ATTENTION", "CACHE_UPDATE", "RMSNORM", "ADD_RMSNORM", "ROTARY",
+           "GATED_ACT", "OPSET"]

@@ -47,6 +47,7 @@ class X86Target:
     name = "x86"
     vector_lanes_f32 = 16  # output tile of the dequant kernels (2 x AVX2 or 1 x AVX-512 register)
     supports_formats = "all"
+    decoder_fusion = True  # lowers qcompile::RMSNorm, AddRMSNorm, Rotary, GatedAct (passes/fuse_decoder.py)
 
     def __init__(self, spec: TargetSpec):
         self.spec = spec

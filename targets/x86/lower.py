@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
-from . import attention_kernels, kernels
+from . import attention_kernels, decoder_kernels, kernels
 from .onnx_gaps import gap_converters
 
 __all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
@@ -195,6 +195,83 @@ def _convert_cache_update(bb, inputs, attr, params):
     return bb.emit(relax.call_tir_inplace(gv, [cache, new, past], [0], relax.TensorType(cache.ty.shape, "float32")))
 
 
+def _rows(bb, x):
+    """x [..., n] as [m, n] (m the product of the leading dims) and a function undoing that reshape."""
+    from tvm import relax  # noqa: PLC0415
+
+    shape = list(x.ty.shape.values)
+    if len(shape) == 2:
+        return x, lambda y: y
+    m = _prod(shape[:-1])
+    return bb.emit(relax.op.reshape(x, [m, shape[-1]])), lambda y: bb.emit(relax.op.reshape(y, shape))
+
+
+def _name(value: float) -> str:
+    return f"{value:.9g}".replace(".", "p").replace("-", "m").replace("+", "")
+
+
+def _convert_rms_norm(bb, inputs, attr, params):
+    """``qcompile::RMSNorm`` -> :func:`.decoder_kernels.rms_norm` over the rows of x."""
+    from tvm import relax  # noqa: PLC0415
+
+    eps = float(attr.get("epsilon", 1e-5))
+    x, dtype = _as_f32(bb, inputs[0])
+    gamma, _ = _as_f32(bb, inputs[1])
+    d = int(x.ty.shape.values[-1])
+    x2, back = _rows(bb, x)
+    gv = _EMITTER.kernel(bb, ("rms_norm", d, _name(eps)), lambda: decoder_kernels.rms_norm(d, eps))
+    return _back(bb, back(bb.emit(relax.call_tir(gv, [x2, gamma], x2.ty))), dtype)
+
+
+def _convert_add_rms_norm(bb, inputs, attr, params):
+    """``qcompile::AddRMSNorm`` -> :func:`.decoder_kernels.add_rms_norm`: (norm of the sum, the sum)."""
+    from tvm import relax  # noqa: PLC0415
+
+    eps = float(attr.get("epsilon", 1e-5))
+    (a, dtype), (b, _), (gamma, _) = (_as_f32(bb, x) for x in inputs[:3])
+    d = int(a.ty.shape.values[-1])
+    a2, back = _rows(bb, a)
+    b2, _ = _rows(bb, b)
+    gv = _EMITTER.kernel(bb, ("add_rms_norm", d, _name(eps)), lambda: decoder_kernels.add_rms_norm(d, eps))
+    out = bb.emit(relax.call_tir(gv, [a2, b2, gamma], [a2.ty, a2.ty]))
+    return relax.Tuple([_back(bb, back(bb.emit(relax.TupleGetItem(out, i))), dtype) for i in range(2)])
+
+
+def _convert_rotary(bb, inputs, attr, params):
+    """``qcompile::Rotary`` -> :func:`.decoder_kernels.rotary`, cos/sin viewed as [B|1, S, d]."""
+    from tvm import relax  # noqa: PLC0415
+
+    axis = int(attr.get("heads_axis", 1))
+    x = inputs[0]
+    b, *mid, d = x.ty.shape.values
+    heads, seq = (mid[0], mid[1]) if axis == 1 else (mid[1], mid[0])
+    d = int(d)
+    tables = []
+    for t in inputs[1:3]:
+        dims = list(t.ty.shape.values)
+        if len(dims) != 3:
+            dims = [1, *dims] if len(dims) == 2 else [dims[0], *dims[2:]]
+            t = bb.emit(relax.op.reshape(t, dims))
+        tables.append(t)
+    gv = _EMITTER.kernel(bb, ("rotary", d, axis), lambda: decoder_kernels.rotary(d, axis == 2))
+    return bb.emit(relax.call_tir(gv, [x, *tables], relax.TensorType([b, heads, seq, d], "float32")))
+
+
+def _convert_gated_act(bb, inputs, attr, params):
+    """``qcompile::GatedAct`` -> :func:`.decoder_kernels.gated_act` over the rows of gate and up."""
+    from tvm import relax  # noqa: PLC0415
+
+    act = attr["activation"]
+    act = act.decode() if isinstance(act, bytes) else str(act)
+    gate, dtype = _as_f32(bb, inputs[0])
+    up, _ = _as_f32(bb, inputs[1])
+    n = int(gate.ty.shape.values[-1])
+    gate2, back = _rows(bb, gate)
+    up2, _ = _rows(bb, up)
+    gv = _EMITTER.kernel(bb, ("gated_act", act, n), lambda: decoder_kernels.gated_act(n, act))
+    return _back(bb, back(bb.emit(relax.call_tir(gv, [gate2, up2], gate2.ty))), dtype)
+
+
 def _symbolic_range(fe, inputs, params):
     """``Range(start, limit, delta)`` with a constant integer delta, a symbolic limit (a dim such as
     ``sequence``) and a constant or symbolic start (optimum's ``arange(past, past + sequence)``) as
@@ -242,6 +319,18 @@ def _our_converters():
     class CacheUpdate(fe.OnnxOpConverter):
         _impl_v1 = staticmethod(_convert_cache_update)
 
+    class RMSNorm(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_rms_norm)
+
+    class AddRMSNorm(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_add_rms_norm)
+
+    class Rotary(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_rotary)
+
+    class GatedAct(fe.OnnxOpConverter):
+        _impl_v1 = staticmethod(_convert_gated_act)
+
     class Range(fe.Range):
         @classmethod
         def _impl_v12(cls, bb, inputs, attr, params):
@@ -256,6 +345,10 @@ def _our_converters():
         table[qops.QCONV] = QConv
         table[qops.ATTENTION] = CausalAttention
         table[qops.CACHE_UPDATE] = CacheUpdate
+        table[qops.RMSNORM] = RMSNorm
+        table[qops.ADD_RMSNORM] = AddRMSNorm
+        table[qops.ROTARY] = Rotary
+        table[qops.GATED_ACT] = GatedAct
         table["Range"] = Range
         table.update(gap_converters(fe))
         return table
