@@ -9,8 +9,9 @@ layer and token); fused, each is one op (see :mod:`qcompile.passes.qops`) with o
 
 x² is ``Mul(x, x)`` or ``Pow(x, 2)``; the mean a ``ReduceMean`` over the last axis (axes as an attribute
 before opset 18, as an input after) keeping dims; the inverse ``Reciprocal(Sqrt(·))`` (torch's rsqrt),
-``Div(1, Sqrt(·))`` (the TorchScript exporter's) or a ``Div(x, Sqrt(·))``.  γ is any value of shape [D].  A residual add feeding the norm is folded in
-too, its sum being the norm's second output (the residual stream goes on from there)::
+``Div(1, Sqrt(·))`` (the TorchScript exporter's) or a ``Div(x, Sqrt(·))``.  γ is any value of shape
+[D].  A residual add feeding the norm is folded in too, its sum being the norm's second output (the
+residual stream goes on from there)::
 
     s = a + b;  y = RMSNorm(s, γ)                  ->  y, s = qcompile::AddRMSNorm(a, b, γ; epsilon=ε)
 
@@ -34,9 +35,10 @@ projection and read by nothing else, the transpose is folded in: ``Rotary(x'; he
 silu as ``Mul(g, Sigmoid(g))``; gelu as opset-20 ``Gelu`` (what torch's exporter writes) or spelled out
 the way our frontend writes it (:mod:`qcompile.compiler.frontends.decoder`).
 
-Only float32 tensors are fused (casts of float32 to float32 are dropped first); a form not listed here is left as it is (run with DEBUG logging to see
-why a near match failed).  Model-local functions (an exporter's ``Silu``, say) should be inlined first
-(``onnx_ir.passes.common.InlinePass``) and shapes inferred; :class:`DecoderFusionPass` does both.
+Only float32 tensors are fused (casts of float32 to float32 are dropped first); a form not listed here
+is left as it is (DEBUG logging names each near match that a ``check`` refused, and why).  Model-local
+functions (an exporter's ``Silu``, say) should be inlined first (``onnx_ir.passes.common.InlinePass``)
+and shapes inferred; :class:`DecoderFusionPass` does both.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from onnx_ir.passes import PassResult
 from onnx_ir.passes.common import InlinePass, ShapeInferencePass
 from onnxscript.rewriter import _ir_utils, pattern
 from onnxscript.rewriter.rules.common import no_op_cast_rule
-from onnxscript.rewriter._basics import MatchResult
+from onnxscript.rewriter._basics import MatchingTracer, MatchResult, MatchStatus
 
 from . import qops
 
@@ -323,7 +325,8 @@ def decoder_fusion_rules() -> dict[str, pattern.RewriteRuleSet]:
     activations list their orders explicitly (commuting every product of a gelu would make hundreds).
     The sets apply in order: AddRMSNorm rewrites RMSNorm ops (the RMSNorm count includes them).
     """
-    rms = [RMSNormFusion.rule(square, inverse) for square in ("mul", "pow") for inverse in ("reciprocal", "one_div", "div")]
+    rms = [RMSNormFusion.rule(square, inverse)
+           for square in ("mul", "pow") for inverse in ("reciprocal", "one_div", "div")]
     # the transposed-input form first: when it matches, the Transpose is folded in too
     rotary = [RotaryFusion.rule(halves, axis) for axis in (2, 1) for halves in ("split", "slice")]
     gated = [GatedActFusion.rule(form, up_first) for form in _ACT_FORMS for up_first in (False, True)]
@@ -354,11 +357,28 @@ class DecoderFusionPass(ir.passes.InPlacePass):
         ShapeInferencePass()(model)
         # the TorchScript exporter casts float32 to float32 around every norm (transformers' .to(float32))
         pattern.RewriteRuleSet([no_op_cast_rule]).apply_to_model(model)
-        self.counts = {name: rules.apply_to_model(model) for name, rules in decoder_fusion_rules().items()}
+        self.counts = {}
+        for name, rules in decoder_fusion_rules().items():
+            self.counts[name] = rules.apply_to_model(model)
+            if log.isEnabledFor(logging.DEBUG):
+                _log_near_misses(rules, model)
         if any(self.counts.values()) and qops.DOMAIN not in model.opset_imports:
             model.opset_imports[qops.DOMAIN] = qops.OPSET
         log.info("decoder fusion: %s", ", ".join(f"{n} {name}" for name, n in self.counts.items()))
         return PassResult(model, modified=inlined or any(self.counts.values()))
+
+
+def _log_near_misses(rules: pattern.RewriteRuleSet, model: ir.Model) -> None:
+    """DEBUG: every remaining subgraph that matched a rule's pattern but failed its check, and why."""
+    tracer = MatchingTracer()
+    rules.apply_to_model(model, tracer=tracer)  # with a tracer nothing is rewritten
+    seen = set()  # the commuted variants of a rule report the same miss
+    for rule, matches in tracer.best_matches_map.items():
+        for m in matches:
+            where = m.root_node.name or m.root_node.outputs[0].name
+            if m.status == MatchStatus.CONDITION_FAILED and (rule.name, where) not in seen:
+                seen.add((rule.name, where))
+                log.debug("%s not fused at %s: %s", rule.name, where, m.match_result.reason)
 
 
 def fuse_decoder(model: onnx.ModelProto) -> tuple[onnx.ModelProto, dict[str, int]]:

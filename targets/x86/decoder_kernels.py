@@ -251,7 +251,8 @@ def reference_gated_act(gate: np.ndarray, up: np.ndarray, activation: str) -> np
 def gated_act(n: int, activation: str):
     """TIR kernel ``y[M, n] = act(gate) · up`` (SwiGLU: silu; GeGLU: gelu_tanh or gelu) for a symbolic M.
 
-    silu(g) = g/(1 + e^-g); gelu_tanh(g) = g/2·(1 + tanh(√(2/π)(g + 0.044715g³))); gelu(g) = g/2·(1 + erf(g/√2)).
+    silu(g) = g/(1 + e^-g); gelu_tanh(g) = g/2·(1 + tanh(√(2/π)(g + 0.044715g³)));
+    gelu(g) = g/2·(1 + erf(g/√2)).
     Arguments: gate, up (float32 [M, n]), y.  numpy: :func:`reference_gated_act`.
     """
     _act(activation, T.float32(0))  # validates the name
