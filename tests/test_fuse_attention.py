@@ -58,6 +58,28 @@ def test_attention_kernels_match_numpy(heads, kv_heads, head_dim):
         np.testing.assert_array_equal(buf.numpy(), A.reference_cache_update(kc, k, past_len))
 
 
+@pytest.mark.parametrize("cached", [True, False])
+def test_attention_kernel_with_a_key_mask_matches_numpy(cached):
+    """Padding keys (key mask 0) are skipped; a row that sees no key at all gives zeros."""
+    rng = np.random.default_rng(7)
+    heads, kv_heads, head_dim, scale = 3, 1, 16, 0.3
+    fn = _build(A.attention(heads, kv_heads, head_dim, scale, cached=cached, key_mask=True))
+    for batch, seq, past_len in ((1, 1, 0), (2, 5, 7), (2, 1, 7)):
+        q = rng.standard_normal((batch, heads, seq, head_dim)).astype(np.float32) * 2
+        k, v = (rng.standard_normal((batch, kv_heads, seq, head_dim)).astype(np.float32) for _ in range(2))
+        kc, vc = (rng.standard_normal((batch, kv_heads, past_len + seq + 2, head_dim)).astype(np.float32)
+                  for _ in range(2))
+        km = (rng.random((batch, past_len + seq)) < 0.6).astype(np.int64)
+        km[0] = 0  # the first sequence is all padding
+        ref = A.reference_attention(q, k, v, kc, vc, past_len, scale, key_mask=km)
+        past = [_tensor(kc), _tensor(vc), _tensor(np.arange(past_len))] if cached else \
+            [_tensor(kc[:, :, :past_len]), _tensor(vc[:, :, :past_len])]
+        y = _tensor(np.ones_like(q))
+        fn(_tensor(q), _tensor(k), _tensor(v), *past, _tensor(km), y)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5)
+        assert not y.numpy()[0].any()
+
+
 def test_reference_attention_is_the_unfused_math():
     """The numpy reference against the graph's form: concat, repeat_kv, additive mask, softmax."""
     rng = np.random.default_rng(1)

@@ -177,11 +177,17 @@ def _convert_attention(bb, inputs, attr, params):
 
     h, kv, scale = int(attr["num_heads"]), int(attr["num_kv_heads"]), float(attr["scale"])
     cached = len(inputs) > 5 and inputs[5] is not None
+    masked = len(inputs) > 6 and inputs[6] is not None
     q = inputs[0]
     d = int(q.ty.shape.values[3])
-    key = ("attention", h, kv, d, "cache" if cached else "past", f"{scale:.9g}".replace(".", "p").replace("-", "m"))
-    gv = _EMITTER.kernel(bb, key, lambda: attention_kernels.attention(h, kv, d, scale, cached))
-    return bb.emit(relax.call_tir(gv, list(inputs[:6 if cached else 5]), relax.TensorType(q.ty.shape, "float32")))
+    key = ("attention", h, kv, d, "cache" if cached else "past", "masked" if masked else "causal",
+           f"{scale:.9g}".replace(".", "p").replace("-", "m"))
+    gv = _EMITTER.kernel(bb, key, lambda: attention_kernels.attention(h, kv, d, scale, cached, masked))
+    args = list(inputs[:5]) + ([inputs[5]] if cached else [])
+    if masked:
+        km = inputs[6]
+        args.append(km if str(km.ty.dtype) == "int64" else bb.emit(relax.op.astype(km, "int64")))
+    return bb.emit(relax.call_tir(gv, args, relax.TensorType(q.ty.shape, "float32")))
 
 
 def _convert_cache_update(bb, inputs, attr, params):
