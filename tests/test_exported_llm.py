@@ -25,7 +25,7 @@ import qcompile.runtime as rt
 from qcompile.compiler.calibdata import load_samples
 from qcompile.compiler.driver import CompileOptions, compile_model
 from qcompile.targets.x86.onnx_gaps import infer_minus_one
-from tests.exported import ExporterUnavailable, exported, ort_feeds, ort_run
+from tests.exported import ExporterUnavailable, exported, ort_run
 
 REL_TOL = 1e-4
 """max |Δlogit| ≤ REL_TOL · max |logit| (float32 against float32)."""
@@ -77,21 +77,46 @@ def _check_export(e):
     assert next(iter(past.values())).shape[2] == len(PROMPT) + 3
 
 
+class _Steps:
+    """Runs an artifact one step at a time, whatever its cache interface: past/present tensors as exported,
+    or (``manifest["kv_cache"]``, fused attention) in-place buffers of ``capacity`` positions with
+    ``past_positions``, whose presents are valid up to the tokens seen so far."""
+
+    def __init__(self, session, capacity: int = 64):
+        self.session, self.kv, self.seen = session, session.manifest.get("kv_cache"), 0
+        self.names = [o.name for o in session.outputs]
+        self.past = {i.name: np.zeros((1, i.shape[1], capacity if self.kv else 0, i.shape[3]), np.float32)
+                     for i in session.inputs if i.name.startswith("past_key_values.")}
+
+    def __call__(self, ids: np.ndarray):
+        """(logits, {present name: the valid part}) of the next ``ids`` [1, seq]."""
+        ids = np.asarray(ids, np.int64)
+        total = self.seen + ids.shape[1]
+        feeds = {"input_ids": ids, "attention_mask": np.ones((1, total), np.int64),
+                 "position_ids": np.arange(self.seen, total)[None], **self.past}
+        if self.kv:
+            feeds[self.kv["past_positions"]] = np.arange(self.seen, dtype=np.int64)
+        got = self.session.run(self.names, {i.name: feeds[i.name] for i in self.session.inputs})
+        self.past = {n.replace("present", "past_key_values", 1): v for n, v in zip(self.names[1:], got[1:])}
+        self.seen = total
+        return got[0], {n: v[:, :, :total] for n, v in zip(self.names[1:], got[1:])}
+
+
 def _check_compiled(e, art):
     """The artifact against onnxruntime on the export: a prefill of 7, then two decode steps through each
     side's own cache (the presents are compared too)."""
     sess, ours = _session(e.path), rt.load(art)
     names = [o.name for o in ours.outputs]
     assert names == [o.name for o in sess.get_outputs()]
-    ids, past = np.array([[3, 17, 101, 45, 9, 200, 12]]), None
+    ids, past, steps = np.array([[3, 17, 101, 45, 9, 200, 12]]), None, _Steps(ours)
     for step in range(3):
-        feeds = ort_feeds(sess, ids, past)
-        ref, got = sess.run(None, feeds), ours.run(names, feeds)
-        for n, a, b in zip(names, got, ref):
-            _close(a, b, f"step {step} {n}")
-        past = {n.replace("present", "past_key_values", 1): v for n, v in zip(names[1:], got[1:])}
-        ids = got[0][:, -1:].argmax(-1)
-    assert got[1].shape[2] == 9
+        ref_logits, past = ort_run(sess, ids, past)
+        logits, presents = steps(ids)
+        _close(logits, ref_logits, f"step {step} logits")
+        for n, v in presents.items():
+            _close(v, past[n.replace("present", "past_key_values", 1)], f"step {step} {n}")
+        ids = logits[:, -1:].argmax(-1)
+    assert steps.seen == 9
 
 
 def _check_generate(e, art):
@@ -179,7 +204,7 @@ def _mean_kl(model, session) -> float:
         ids = np.random.default_rng(100 + seed).integers(0, model.config.vocab_size, (1, 32))
         with torch.no_grad():
             ref = _log_softmax(model(torch.tensor(ids)).logits.numpy()[0])
-        got = _log_softmax(session.run(["logits"], ort_feeds(session, ids))[0][0])
+        got = _log_softmax(_Steps(session)(ids)[0][0])
         kls.append((np.exp(ref) * (ref - got)).sum(-1).mean())
     return float(np.mean(kls))
 
