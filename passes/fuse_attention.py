@@ -69,72 +69,105 @@ def _repeat_kv(op, x, axes, target, shape):
     return op.Reshape(op.Expand(op.Unsqueeze(x, axes), target), shape)
 
 
+def _scaled(op, x, scale, tag: str):
+    return pattern.OrValue([op.Mul(x, scale), op.Div(x, scale), x], tag_var=tag, tag_values=["Mul", "Div", "None"])
+
+
 class CausalAttention(pattern.RewriteRuleClassBase):
-    """softmax(Q·Kᵀ·scale + causal mask)·V over Concat(past, new), with or without GQA repeats."""
+    """softmax(Q·Kᵀ·scale + causal mask)·V over Concat(past, new), with or without GQA repeats.
+
+    Forms: our frontend's (scores scaled); torch.onnx / optimum exports of transformers (Q and Kᵀ each
+    scaled by √scale, Kᵀ possibly through a 3-D reshape, repeat shapes computed from ``Shape``, a NaN
+    guard after the softmax, and a mask that also hides the padding keys of ``attention_mask``, which
+    then becomes the op's key mask).
+    """
 
     def __init__(self):
         # matched nodes are not removed here: the Concats stay (they make the present outputs), the rest
         # is dead after the rewrite and removed by RemoveUnusedNodesPass
         super().__init__("CausalAttention", remove_nodes=False)
-        self._masks: dict[int, str | None] = {}  # id(mask value) -> why it is not causal (None: it is)
+        self._masks: dict[int, tuple[str | None, ir.Value | None]] = {}  # id(mask) -> (problem, key mask)
 
     def pattern(self, op, query, past_k, k, past_v, v, k_axes, k_target, k_shape, v_axes, v_target,
-                v_shape, qk_scale, mask):
-        present_k = op.Concat(past_k, k, axis=2)  # also the graph's present outputs
-        present_v = op.Concat(past_v, v, axis=2)
+                v_shape, q_scale, k_scale, qk_scale, mask, nan_fill):
+        present_k = op.Concat(past_k, k)  # also the graph's present outputs; axis checked
+        present_v = op.Concat(past_v, v)
         key = pattern.OrValue([_repeat_kv(op, present_k, k_axes, k_target, k_shape), present_k],
                               tag_var="key_repeat", tag_values=[True, False])
         value = pattern.OrValue([_repeat_kv(op, present_v, v_axes, v_target, v_shape), present_v],
                                 tag_var="value_repeat", tag_values=[True, False])
-        scores = op.MatMul(query, op.Transpose(key, perm=[0, 1, 3, 2]))
-        scores = pattern.OrValue([op.Mul(scores, qk_scale), op.Div(scores, qk_scale), scores],
-                                 tag_var="scaling", tag_values=["Mul", "Div", "None"])
-        probs = op.Softmax(op.Add(scores, mask), axis=-1)
+        key_t = pattern.OrValue([
+            op.Transpose(key, perm=[0, 1, 3, 2]),
+            op.Reshape(op.Transpose(op.Reshape(key, pattern.ANY_VALUE), perm=[0, 2, 1]), pattern.ANY_VALUE),
+        ])
+        scores = op.MatMul(_scaled(op, query, q_scale, "q_scaling"), _scaled(op, key_t, k_scale, "k_scaling"))
+        probs = op.Softmax(op.Add(_scaled(op, scores, qk_scale, "scaling"), mask), axis=-1)
+        probs = pattern.OrValue([op.Where(op.IsNaN(probs), nan_fill, probs), probs],
+                                tag_var="nan_guard", tag_values=[True, False])
         return op.MatMul(probs, value)
 
-    def check(self, context, query, past_k, k, past_v, v, mask, key_repeat, value_repeat, scaling,
+    def check(self, context, query, past_k, k, past_v, v, mask, key_repeat, value_repeat, nan_guard,
               **bindings) -> MatchResult:
         result = MatchResult()
+        model = context.model
         kv, dh = _dim(past_k, 1), _dim(past_k, 3)
         if kv is None or dh is None or (_dim(past_v, 1), _dim(past_v, 3)) != (kv, dh):
             return result.fail("the past keys/values need static heads and head size", past_k)
-        heads = set()
+        past_dim = _sym(past_k, 2)
+        if past_dim is None or _sym(past_v, 2) != past_dim:
+            return result.fail("the past length is not one symbolic dim", past_k)
+        for past, new in ((past_k, k), (past_v, v)):
+            concat = next(u.node for u in past.uses() if u.node.op_type == "Concat" and u.idx == 0
+                          and len(u.node.inputs) == 2 and u.node.inputs[1] is new)
+            if concat.attributes.get_int("axis") not in (2, -2):
+                return result.fail("past and new keys/values must be concatenated on the sequence axis", concat)
+        heads = {_dim(query, 1)} - {None}
+        present = {}
+        for past, new in ((past_k, k), (past_v, v)):
+            (present[past],) = (u.node.outputs[0] for u in past.uses() if u.node.op_type == "Concat"
+                                and u.idx == 0 and u.node.inputs[1] is new)
+        known = {x: (lambda p, s: (s, kv, p + s, dh)) for x in present.values()}
         for tag, prefix in ((key_repeat, "k"), (value_repeat, "v")):
             if not tag:
                 heads.add(kv)
                 continue
             axes = _ir_utils.get_numpy_value(bindings[f"{prefix}_axes"])
-            shape = _ir_utils.get_numpy_value(bindings[f"{prefix}_shape"])
-            if axes is None or axes.tolist() != [2]:
+            if axes is None or axes.tolist() not in ([2], [-3]):
                 return result.fail("repeat_kv must unsqueeze axis 2", bindings[f"{prefix}_axes"])
-            if shape is None or shape.shape != (4,) or shape[0] != 0 or shape[3] not in (dh, -1):
-                return result.fail("repeat_kv must reshape to a constant [0, H, -1, Dh]", bindings[f"{prefix}_shape"])
+            try:  # the repeat's shapes at P = 4, S = 2: [B, KV, g, 6, Dh] and [B, KV·g, 6 | -1, Dh]
+                target = _ShapeProgram(model, bindings[f"{prefix}_target"], past_dim, known=known)(4, 2)
+                shape = _ShapeProgram(model, bindings[f"{prefix}_shape"], past_dim, known=known)(4, 2)
+            except _NotEvaluable as e:
+                return result.fail(f"repeat_kv shapes: {e}", bindings[f"{prefix}_shape"])
+            if target.shape != (5,) or target[1] not in (kv, 1, -1) or target[4] not in (dh, 1, -1) or \
+                    shape.shape != (4,) or shape[3] not in (dh, -1) or shape[1] != kv * target[2]:
+                return result.fail(f"repeat_kv shapes {target.tolist()} -> {shape.tolist()} do not repeat "
+                                   f"{kv} heads", bindings[f"{prefix}_shape"])
             heads.add(int(shape[1]))
-        q_heads = _dim(query, 1)
-        if q_heads is not None:
-            heads.add(q_heads)
         if len(heads) != 1 or next(iter(heads)) % kv:
             return result.fail(f"query heads {sorted(heads)} do not agree or are not a multiple of {kv}", query)
-        self._heads, self._kv, self._dh = next(iter(heads)), kv, dh
+        self._heads, self._kv = next(iter(heads)), kv
         self._scale = 1.0
-        if scaling != "None":
-            c = _ir_utils.get_singleton_value(bindings["qk_scale"])
+        for tag, name in (("q_scaling", "q_scale"), ("k_scaling", "k_scale"), ("scaling", "qk_scale")):
+            if bindings.get(tag, "None") == "None":
+                continue
+            c = _ir_utils.get_singleton_value(bindings[name])
             if c is None:
-                return result.fail("the score scale is not a constant scalar", bindings["qk_scale"])
-            self._scale = float(c) if scaling == "Mul" else 1.0 / float(c)
-        why = self._mask_problem(context.model, mask, query, past_k)
+                return result.fail(f"the {name} is not a constant scalar", bindings[name])
+            self._scale *= float(c) if bindings[tag] == "Mul" else 1.0 / float(c)
+        if nan_guard and _ir_utils.get_singleton_value(bindings["nan_fill"]) != 0:
+            return result.fail("the softmax NaN guard must fill zeros", bindings["nan_fill"])
+        if id(mask) not in self._masks:
+            self._masks[id(mask)] = _mask_kind(model, mask, past_dim)
+        why, self._key_mask = self._masks[id(mask)]
         if why:
             return result.fail(why, mask)
         return result
 
     def rewrite(self, op, query, past_k, k, past_v, v, **_):
-        return op.CausalAttention(query, k, v, past_k, past_v, num_heads=self._heads, num_kv_heads=self._kv,
-                            scale=self._scale, _domain=qops.DOMAIN)
-
-    def _mask_problem(self, model: ir.Model, mask: ir.Value, query: ir.Value, past: ir.Value) -> str | None:
-        if id(mask) not in self._masks:
-            self._masks[id(mask)] = _causal_mask_problem(model, mask, query, past)
-        return self._masks[id(mask)]
+        extra = [None, self._key_mask] if self._key_mask is not None else []
+        return op.CausalAttention(query, k, v, past_k, past_v, *extra, num_heads=self._heads,
+                                  num_kv_heads=self._kv, scale=self._scale, _domain=qops.DOMAIN)
 
 
 def _dim(value: ir.Value, axis: int) -> int | None:
@@ -151,55 +184,153 @@ def _sym(value: ir.Value, axis: int) -> str | None:
     return shape[axis].value
 
 
-def _causal_mask_problem(model: ir.Model, mask: ir.Value, query: ir.Value, past: ir.Value) -> str | None:
-    """Why ``mask`` is not the causal mask of (P, S) = (past's dim 2, the new positions), or None.
+KEY_MASK_INPUT = "attention_mask"
+"""The one graph input whose values a mask may read: transformers' key padding mask [B, P + S]."""
 
-    The mask's producers are cut out as a model of the graph inputs they read (through ``Shape``
-    only: a mask computed from input values, e.g. a padding mask, is refused) and run at a few (P, S).
+
+POSITIONS_INPUT = "position_ids"
+"""A graph input a mask may read too: fed as arange(P, P + S) (an unpadded sequence, as generate() does)."""
+
+
+class _NotEvaluable(Exception):
+    pass
+
+
+class _ShapeProgram:
+    """A value of the model that depends on the graph inputs' shapes only (and, if allowed, on the values
+    of :data:`KEY_MASK_INPUT`), cut out with its producers and run by onnxruntime at chosen (P, S).
+
+    Every symbolic dim is S (batch included: what is checked must not depend on it), but the past's
+    (P) and the key mask's length (P + S). ``known`` values (e.g. the concatenated keys, whose shape is
+    known but whose values come from the model's data) become inputs of that shape: (p, s) -> shape.
     """
-    past_dim = _sym(past, 2)
-    if past_dim is None:
-        return "the past length is not a symbolic dim"
-    nodes, inputs, seen, stack = [], set(), set(), [mask]
-    graph_inputs = set(model.graph.inputs)
+
+    def __init__(self, model: ir.Model, value: ir.Value, past_dim: str, key_mask: bool = False,
+                 known: dict | None = None):
+        self.known = known or {}
+        forced: set = set()  # computed tensors whose values (not only shapes) the result depends on
+        for _ in range(64):
+            nodes, inputs, standins = self._cut(model, value, forced)
+            relevant = _value_relevant(nodes, value)
+            if not (standins & relevant):
+                break
+            forced |= standins & relevant
+        else:
+            raise _NotEvaluable("depends on too many computed tensors")
+        self.reads_key_mask = False
+        for v in inputs - standins - set(self.known):
+            if v in relevant and v.name != POSITIONS_INPUT:  # positions: fed as arange(P, P + S)
+                if not (key_mask and v.name == KEY_MASK_INPUT and v.shape is not None and v.shape.rank() == 2):
+                    raise _NotEvaluable(f"reads the values of input {v.name} (only its shape may be read)")
+                self.reads_key_mask = True
+        members = {id(n) for n in nodes}
+        self.inputs, self.past_dim = sorted(inputs, key=lambda v: v.name), past_dim
+        mask_input = next((v for v in model.graph.inputs if v.name == KEY_MASK_INPUT), None)
+        self.total_dim = _sym(mask_input, 1) if mask_input is not None else None
+        order = [n for n in model.graph if id(n) in members]  # topological
+        try:
+            import onnxruntime as ort  # noqa: PLC0415
+
+            proto = _cut_model(order, self.inputs, value, model.opset_imports.get("", 17))
+            self.session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        except Exception as e:  # noqa: BLE001 - what cannot be cut out and compiled is not evaluable
+            raise _NotEvaluable(f"{type(e).__name__}: {e}") from e
+
+    def _cut(self, model: ir.Model, value: ir.Value, forced: set) -> tuple[list, set, set]:
+        """(producers of ``value``, the inputs they read, stand-ins: computed tensors of a shape known in
+        the input dims, cut off unless ``forced``)."""
+        dims = {d.value for v in model.graph.inputs for d in (v.shape or []) if not isinstance(d, int)}
+        nodes, inputs, standins, seen, stack = [], set(), set(), set(), [value]
+        graph_inputs = set(model.graph.inputs) | set(self.known)
+        while stack:
+            v = stack.pop()
+            if v in graph_inputs:
+                inputs.add(v)
+                continue
+            if v is not value and v not in forced and v.shape is not None and v.dtype is not None and all(
+                    isinstance(d, int) or d.value in dims for d in v.shape):
+                inputs.add(v)
+                standins.add(v)
+                continue
+            node = v.producer()
+            if node is None or id(node) in seen:
+                continue
+            if node.domain not in ("", "ai.onnx"):
+                raise _NotEvaluable(f"computed by {node.domain}::{node.op_type}")
+            seen.add(id(node))
+            nodes.append(node)
+            stack.extend(x for x in node.inputs if x is not None)
+        return nodes, inputs, standins
+
+    def __call__(self, p: int, s: int, key_mask: np.ndarray | None = None) -> np.ndarray:
+        feeds = {}
+        for v in self.inputs:
+            if v in self.known:
+                feeds[v.name] = np.zeros(self.known[v](p, s), v.dtype.numpy())
+                continue
+            if v.name == POSITIONS_INPUT:
+                feeds[v.name] = np.broadcast_to(np.arange(p, p + s), (s, s)).astype(v.dtype.numpy())
+                continue
+            if v.name == KEY_MASK_INPUT and self.reads_key_mask:
+                feeds[v.name] = key_mask.astype(v.dtype.numpy())
+                continue
+            shape = [d if isinstance(d, int) else p if d.value == self.past_dim else
+                     p + s if d.value == self.total_dim else s for d in v.shape]
+            feeds[v.name] = np.zeros(shape, v.dtype.numpy())
+        try:
+            return self.session.run(None, feeds)[0]
+        except Exception as e:  # noqa: BLE001
+            raise _NotEvaluable(f"{type(e).__name__}: {e}") from e
+
+
+def _value_relevant(nodes: list[ir.Node], output: ir.Value) -> set:
+    """The values among ``nodes``' inputs whose contents (not only their shapes) ``output`` depends on."""
+    relevant, stack, producers = {output}, [output], {id(n) for n in nodes}
     while stack:
-        value = stack.pop()
-        if value in graph_inputs:
-            inputs.add(value)
+        node = stack.pop().producer()
+        if node is None or id(node) not in producers or node.op_type == "Shape":
             continue
-        node = value.producer()
-        if node is None or id(node) in seen:
-            continue
-        if node.domain not in ("", "ai.onnx"):
-            return f"the mask is computed by {node.domain}::{node.op_type}"
-        seen.add(id(node))
-        nodes.append(node)
-        stack.extend(v for v in node.inputs if v is not None)
-    members = {id(n) for n in nodes}
-    for value in inputs:
-        for use in value.uses():
-            if id(use.node) in members and use.node.op_type != "Shape":
-                return f"the mask reads the values of input {value.name} (only its shape may be read)"
-    order = [n for n in model.graph if id(n) in members]  # topological
+        for x in node.inputs:
+            if x is not None and x not in relevant:
+                relevant.add(x)
+                stack.append(x)
+    return relevant
+
+
+def _mask_kind(model: ir.Model, mask: ir.Value, past_dim: str) -> tuple[str | None, ir.Value | None]:
+    """(why ``mask`` is not causal, or None; the key mask input it also applies, or None).
+
+    The mask must equal the causal mask of (P, S) — query t sees keys s <= P + t — at a few (P, S), and,
+    if it reads :data:`KEY_MASK_INPUT` [B, P + S], additionally hide exactly the keys where that is 0
+    (random masks); hidden entries must be <= -1e30 (finite lowest or -inf) and visible ones 0.
+    """
     try:
-        import onnxruntime as ort  # noqa: PLC0415
-
-        proto = _mask_model(order, inputs, mask)
-        sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+        program = _ShapeProgram(model, mask, past_dim, key_mask=True)
+        rng = np.random.default_rng(0)
         for p, s in _PROBES:
-            want = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]
-            got = _probe(sess, inputs, past_dim, p, s)
-            if got.shape[-2:] != want.shape:
-                return f"the mask at P={p}, S={s} has shape {list(got.shape)}, expected [..., {s}, {p + s}]"
-            got = got.reshape(-1, *want.shape)
-            if not (np.all(got[:, want] == 0) and np.all(got[:, ~want] <= -1e30)):
-                return f"the mask at P={p}, S={s} is not causal"
-    except Exception as e:  # noqa: BLE001 - a mask that cannot be evaluated is not proven causal
-        return f"the mask could not be evaluated ({type(e).__name__}: {e})"
-    return None
+            causal = np.arange(p + s)[None, :] <= (p + np.arange(s))[:, None]
+            if program.reads_key_mask:
+                km = (rng.random((s, p + s)) < 0.7).astype(np.int64)
+                want = causal[None] & (km[:, None, :] != 0)  # [B = S, S, P + S]
+                got = program(p, s, km)
+                if got.ndim < 3 or got.shape[0] != s or got.shape[-2:] != causal.shape:
+                    return f"the mask at P={p}, S={s} has shape {list(got.shape)}", None
+                got, want = got.reshape(s, -1, *causal.shape), want[:, None]
+            else:
+                got, want = program(p, s), causal
+                if got.shape[-2:] != causal.shape:
+                    return f"the mask at P={p}, S={s} has shape {list(got.shape)}", None
+                got, want = got.reshape(-1, *causal.shape), want[None]
+            want = np.broadcast_to(want, got.shape)
+            if not (np.all(got[want] == 0) and np.all(got[~want] <= -1e30)):
+                return f"the mask at P={p}, S={s} is not causal" + (" and padding" if program.reads_key_mask else ""), None
+    except _NotEvaluable as e:
+        return f"the mask {e}", None
+    key_mask = next((v for v in program.inputs if v.name == KEY_MASK_INPUT), None) if program.reads_key_mask else None
+    return None, key_mask
 
 
-def _mask_model(nodes: list[ir.Node], inputs: set[ir.Value], mask: ir.Value) -> onnx.ModelProto:
+def _cut_model(nodes: list[ir.Node], inputs: list[ir.Value], output: ir.Value, opset: int) -> onnx.ModelProto:
     from onnx_ir import serde  # noqa: PLC0415
 
     protos, inits, done = [], [], set()
@@ -209,19 +340,9 @@ def _mask_model(nodes: list[ir.Node], inputs: set[ir.Value], mask: ir.Value) -> 
             if v is not None and v.is_initializer() and v.name not in done:
                 inits.append(serde.serialize_tensor(v.const_value))
                 done.add(v.name)
-    graph = onnx.helper.make_graph(
-        protos, "mask", [serde.serialize_value(v) for v in sorted(inputs, key=lambda v: v.name)],
-        [onnx.helper.make_tensor_value_info(mask.name, onnx.TensorProto.FLOAT, None)], inits)
-    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", 17)], ir_version=8)
-
-
-def _probe(sess, inputs: set[ir.Value], past_dim: str, p: int, s: int) -> np.ndarray:
-    """The mask at P = p and every other symbolic dim = s (batch included: the mask must not care)."""
-    feeds = {}
-    for v in inputs:
-        shape = [d if isinstance(d, int) else (p if d.value == past_dim else s) for d in v.shape]
-        feeds[v.name] = np.zeros(shape, v.dtype.numpy())
-    return sess.run(None, feeds)[0]
+    graph = onnx.helper.make_graph(protos, "cut", [serde.serialize_value(v) for v in inputs],
+                                   [onnx.ValueInfoProto(name=output.name)], inits)
+    return onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8)
 
 
 def attention_rules() -> pattern.RewriteRuleSet:
@@ -286,7 +407,8 @@ class KVCachePass(ir.passes.InPlacePass):
                 elif node.op_type == "Shape":
                     self._replace_shape(graph, node, past, positions)
         for node in attention:
-            node.resize_inputs(6)
+            if len(node.inputs) < 6:
+                node.resize_inputs(6)
             node.replace_input_with(5, positions)
         layers = {}
         for past in pasts:
@@ -324,8 +446,7 @@ class KVCachePass(ir.passes.InPlacePass):
                 if node.op_type == "Concat" and use.idx == 0 and len(node.inputs) == 2 and \
                         node.attributes.get_int("axis") in (2, -2) and node.outputs[0] in outputs:
                     concats += 1
-                elif node.op_type == "Shape" and (node.attributes.get_int("start", 0),
-                                                  node.attributes.get_int("end")) in ((0, None), (2, 3)):
+                elif node.op_type == "Shape":
                     pass
                 elif node in attention and use.idx in (3, 4):
                     pass
@@ -350,18 +471,29 @@ class KVCachePass(ir.passes.InPlacePass):
 
     @staticmethod
     def _replace_shape(graph: ir.Graph, node: ir.Node, past: ir.Value, positions: ir.Value) -> None:
-        """Shape(past) keeps meaning [B, KV, P, Dh] (P from past_positions), not the capacity."""
-        span = (node.attributes.get_int("start", 0), node.attributes.get_int("end"))
+        """Shape(past)[start:end] keeps meaning [B, KV, P, Dh][start:end] (P from past_positions)."""
+        start, end = node.attributes.get_int("start", 0), node.attributes.get_int("end", 4)
+        axes = range(4)[slice(start, end)]
         prefix = f"{node.name}/logical"
-        if span == (2, 3):
-            new_nodes = [ir.node("Shape", [positions], name=prefix)]
-        else:
-            head = ir.node("Shape", [past], attributes={"start": 0, "end": 2}, name=f"{prefix}_head")
-            mid = ir.node("Shape", [positions], name=f"{prefix}_past")
-            tail = ir.node("Shape", [past], attributes={"start": 3, "end": 4}, name=f"{prefix}_tail")
-            cat = ir.node("Concat", [head.outputs[0], mid.outputs[0], tail.outputs[0]], attributes={"axis": 0},
-                          name=prefix)
-            new_nodes = [head, mid, tail, cat]
+        pieces, new_nodes, run = [], [], []  # runs of the past's own dims, and P, in order
+
+        def flush():
+            if run:
+                new_nodes.append(ir.node("Shape", [past], attributes={"start": run[0], "end": run[-1] + 1},
+                                         name=f"{prefix}_{run[0]}"))
+                pieces.append(new_nodes[-1].outputs[0])
+                run.clear()
+
+        for axis in axes:
+            if axis == 2:
+                flush()
+                new_nodes.append(ir.node("Shape", [positions], name=f"{prefix}_past"))
+                pieces.append(new_nodes[-1].outputs[0])
+            else:
+                run.append(axis)
+        flush()
+        if len(pieces) > 1:
+            new_nodes.append(ir.node("Concat", pieces, attributes={"axis": 0}, name=prefix))
         graph.insert_before(node, new_nodes)
         ir.convenience.replace_all_uses_with(node.outputs[0], new_nodes[-1].outputs[0])
         graph.remove(node, safe=True)

@@ -14,6 +14,7 @@ import tvm
 
 import qcompile.runtime as rt
 from qcompile.compiler.driver import CompileOptions, compile_model
+from qcompile.compiler.frontend import load_onnx
 from qcompile.compiler.frontends import load_llm
 from qcompile.passes import qops
 from qcompile.passes.fuse_attention import PAST_POSITIONS, fuse_attention
@@ -209,6 +210,21 @@ def test_a_mask_read_from_input_values_is_not_assumed_causal():
     ref = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(["y"], feeds)[0]
     ours = A.reference_attention(feeds["q"], feeds["k"], feeds["v"], feeds["past_k"], feeds["past_v"], scale=scale)
     np.testing.assert_allclose(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("exporter", ["torchscript", pytest.param("dynamo", marks=pytest.mark.slow)])
+def test_torch_exports_are_fused_with_their_padding_mask(tmp_path_factory, exporter):
+    """torch.onnx exports of transformers (tests/exported.py): Q and Kᵀ scaled apart, repeat shapes from
+    Shape, a NaN guard, and the mask of attention_mask (causal and padding) as the op's key mask."""
+    from tests.exported import exported
+
+    e = exported(tmp_path_factory, "llama", exporter)
+    result = fuse_attention(load_onnx(e.path))  # as the compiler loads it (shapes inferred)
+    assert result.attention == e.n_layers and result.cache is not None
+    attn = [n for n in result.model.graph.node if n.op_type == qops.ATTENTION]
+    assert all(list(n.input)[5:] == [PAST_POSITIONS, "attention_mask"] for n in attn)
+    assert {a.name: onnx.helper.get_attribute_value(a) for a in attn[0].attribute} == pytest.approx(
+        {"num_heads": 4, "num_kv_heads": 2, "scale": 0.25})
 
 
 # -- compiled -----------------------------------------------------------------------------------------
