@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workdir", default=None,
                    help="where calibration stats and measurements are kept and reused "
                         "(default: $QCOMPILE_CACHE or ~/.cache/qcompile, per model)")
+    c.add_argument("--no-int8-dot", action="store_true",
+                   help="keep quantized matmuls on float kernels (default: int8-activation dot products "
+                        "where the CPU has them, e.g. AVX2)")
     c.add_argument("--no-fuse", action="store_true",
                    help="no decoder fusions (RMSNorm, rotary, gated MLP, attention): lower the graph as quantized")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -117,7 +120,8 @@ def _cmd_compile(args, console) -> int:
                           tokenizer=args.tokenizer, calib_samples=args.calib_samples,
                           calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq="off" if args.no_awq else args.awq,
                           salient=not args.no_salient, sensitivity=not args.no_sensitivity, sensitivity_samples=args.sensitivity_samples,
-                          workdir=args.workdir, fuse=not args.no_fuse)
+                          workdir=args.workdir, fuse=not args.no_fuse,
+                          int8_dot=not args.no_int8_dot)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights
     out = Path(args.output)

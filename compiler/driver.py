@@ -72,6 +72,7 @@ class CompileOptions:
     head_bits: int | None = None  # the output projection at this width, outside the --bpw average
     workdir: str | Path | None = None  # stats and measurements, reused across runs
     fuse: bool = True  # decoder fusions before lowering (passes/fuse_*.py); False: the graph as quantized
+    int8_dot: bool = True  # int8-activation dot-product kernels where the target CPU has them (x86: AVX2)
 
 
 @dataclass
@@ -417,7 +418,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     q = quantize_model(model_path, opts, progress)
     seconds = dict(q.seconds)
     t0 = time.perf_counter()
-    backend = X86Target(spec)
+    backend = X86Target(spec, int8_dot=opts.int8_dot)
     qproto, interface, cache = q.qproto, q.proto, None
     fusion: dict = {"enabled": opts.fuse}
     if opts.fuse and backend.decoder_fusion:
@@ -435,6 +436,8 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
     manifest["fusion"] = fusion
+    manifest["kernels"] = {"int8_dot": backend.int8_dot, "quantized_matmuls": lowered.kernels,
+                           "param_layouts": lowered.layouts}
     if cache is not None:
         manifest["kv_cache"] = cache.to_manifest()
     manifest["outliers"] = q.outliers

@@ -44,6 +44,7 @@ def build_manifest(proto, spec, opts, records: list[QuantRecord], targets, lower
         "inputs": [_value_info(v) for v in proto.graph.input],
         "outputs": [_value_info(v) for v in proto.graph.output],
         "params": lowered.param_names,
+        "params_as_tuple": True,  # main(inputs..., (params...)): see targets/x86/lower.py
         "bpw": {
             "target": opts.bpw,
             "achieved": achieved,

@@ -107,6 +107,13 @@ class Session:
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
         self._params = self._load_params(root / PARAMS)
+        # the params as main's trailing arguments: one tuple (manifest "params_as_tuple") or one by one
+        if self.manifest.get("params_as_tuple"):
+            import tvm_ffi  # noqa: PLC0415  (TVM's own FFI package: an Array of tensors is one argument)
+
+            self._param_args = [tvm_ffi.convert(self._params)]
+        else:
+            self._param_args = self._params
         self._generator = None
         self.inputs = [NodeArg(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
@@ -181,7 +188,7 @@ class Session:
         """Run on device tensors in input order; the outputs stay device tensors (no copy to numpy)."""
         if len(args) != len(self.inputs):
             raise QCompileError(f"{self.path}: expected {len(self.inputs)} inputs, got {len(args)}")
-        result = self._main(*args, *self._params)
+        result = self._main(*args, *self._param_args)
         return [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
 
     def tokenizer(self):

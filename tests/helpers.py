@@ -11,6 +11,7 @@ from onnx import numpy_helper
 
 from qcompile.passes.formats import PRESETS
 from qcompile.targets.x86.kernels import tile_for
+from qcompile.targets.x86.kernels_int8 import codes_from_dot
 
 MLP_TEXT = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -68,24 +69,29 @@ def save(model: onnx.ModelProto, path: Path) -> Path:
 def decoded_weights(artifact: Path) -> dict[str, np.ndarray]:
     """Decode every quantized tensor of an artifact from its stored bytes (numpy reference).
 
-    Returns name -> dequantized [N, K] float32, using the manifest and params.safetensors only.
+    Returns name -> dequantized [N, K] float32, using the manifest (formats, and each packed param's
+    kernel layout) and params.safetensors only.
     """
     from safetensors.numpy import load_file
 
     manifest = json.loads((artifact / "manifest.json").read_text())
     params = load_file(str(artifact / "params.safetensors"))
+    layouts = manifest["kernels"]["param_layouts"]
     out = {}
     for t in manifest["tensors"]:
         fmt = PRESETS[t["format"]]
         n, k = t["shape"]
-        tile = tile_for(n)
-        untile = lambda a: a.transpose(0, 2, 1).reshape(n, -1)  # noqa: E731
         names = t["params"]
-        planes = [untile(params[p]) for p in names if ".q" in p.rsplit("/", 1)[-1]]
+        plane_names = [p for p in names if ".q" in p.rsplit("/", 1)[-1]]
+        layout = layouts[plane_names[0]]
+        untile = lambda a: a.transpose(0, 2, 1).reshape(n, -1)  # noqa: E731  (groups: tiled in both)
         scales = untile(params[f"{t['name']}.scales"])
         zeros = untile(params[f"{t['name']}.zeros"])
-        codes = fmt.unpack(planes, (n, k))
-        assert params[names[0]].shape[2] == tile
+        if layout == "dot8":
+            codes = codes_from_dot([params[p] for p in plane_names], fmt.planes, n, k)
+        else:
+            assert layout == f"tiled{tile_for(n)}" and params[plane_names[0]].shape[2] == tile_for(n), layout
+            codes = fmt.unpack([untile(params[p]) for p in plane_names], (n, k))
         out[t["name"]] = (codes.astype(np.float32) * np.repeat(scales.astype(np.float32), fmt.group_size, 1)
                           + np.repeat(zeros.astype(np.float32), fmt.group_size, 1))
     return out

@@ -136,7 +136,7 @@ def test_forced_split_formats_compile_to_x86_and_match_onnxruntime(tmp_path):
     model, path, calib = _model(tmp_path)
     opts = CompileOptions(bpw=4.0, min_weights=0, calib=str(calib), calib_samples=8,
                           overrides=[("^W1$", "q3g32+q5g32/8"), ("^W2$", "q2g64+q4g64/8")],
-                          workdir=tmp_path / "work")
+                          workdir=tmp_path / "work", int8_dot=False)  # float kernels: exact decoded weights
     res = compile_model(path, tmp_path / "m.qcm", opts)
     fmts = {t["name"]: t["format"] for t in res.manifest["tensors"]}
     assert fmts == {"W1": "q3g32+q5g32/8", "W2": "q2g64+q4g64/8"}

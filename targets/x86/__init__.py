@@ -41,6 +41,14 @@ def target_from_json(tjson: dict) -> TargetSpec:
     return TargetSpec("x86", dict(tjson), "cpu", platform.machine().lower(), flags)
 
 
+def _has_features(tjson: dict, features: str) -> bool:
+    """Whether LLVM's CPU for the target has the ISA ``features`` (e.g. "avx2")."""
+    import tvm  # noqa: PLC0415
+    from tvm.target import codegen  # noqa: PLC0415
+
+    return bool(codegen.target_has_features(features, tvm.target.Target(tjson)))
+
+
 class X86Target:
     """Capabilities and build steps of the x86 target."""
 
@@ -49,14 +57,16 @@ class X86Target:
     supports_formats = "all"
     decoder_fusion = True  # lowers qcompile::RMSNorm, AddRMSNorm, Rotary, GatedAct (passes/fuse_decoder.py)
 
-    def __init__(self, spec: TargetSpec):
+    def __init__(self, spec: TargetSpec, int8_dot: bool = True):
         self.spec = spec
+        # int8 dot-product kernels (vpmaddubsw) where the CPU has AVX2; int8_dot=False keeps float kernels
+        self.int8_dot = int8_dot and _has_features(spec.tvm, "avx2")
 
     def lower(self, model):
         """Quantized ONNX ModelProto -> :class:`.lower.LoweredModel`."""
         from .lower import lower_to_relax  # noqa: PLC0415
 
-        return lower_to_relax(model)
+        return lower_to_relax(model, int8_dot=self.int8_dot)
 
     def build(self, mod, out_path: str) -> None:
         from .build import build_library  # noqa: PLC0415

@@ -41,7 +41,7 @@ from tvm.script import tirx as T
 
 from .kernels import OPAQUE
 
-__all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "quantize_activations", "reference_int8_matmul",
+__all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "codes_from_dot", "quantize_activations", "reference_int8_matmul",
            "int8_matmul"]
 
 TILE = 8  # outputs per tile: the int32 lanes of one AVX2 register
@@ -82,6 +82,19 @@ def dot_planes(planes: list[np.ndarray], plane_bits: tuple[int, ...], k: int) ->
         packed = (f6 << shifts).sum(axis=-1).astype(np.uint8)  # fields are disjoint bit ranges
         out.append(np.ascontiguousarray(packed.reshape(n // TILE, k // 32, 32 * pb)))
     return out
+
+
+def codes_from_dot(planes: list[np.ndarray], plane_bits: tuple[int, ...], n: int, k: int) -> np.ndarray:
+    """The inverse of :func:`dot_planes` composed with packing: integer codes uint8 [N, K]."""
+    codes = np.zeros((n // TILE, k // 32, 8, TILE, 4), np.uint8)  # [nt, kb, sb, o, j]
+    shift = 0
+    for plane, pb in zip(planes, plane_bits):
+        fpb = 8 // pb
+        v = plane.reshape(n // TILE, k // 32, pb, 1, TILE, 4)
+        f = (v >> (np.arange(fpb, dtype=np.uint8) * pb)[:, None, None]) & np.uint8((1 << pb) - 1)  # [.., v, fi, o, j]
+        codes |= (f.reshape(n // TILE, k // 32, 8, TILE, 4) << shift).astype(np.uint8)
+        shift += pb
+    return np.ascontiguousarray(codes.transpose(0, 3, 1, 2, 4).reshape(n, k))
 
 
 def quantize_activations(x: np.ndarray, g: int):

@@ -12,7 +12,7 @@ import contextlib
 import functools
 import logging
 import operator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import onnx
@@ -21,7 +21,7 @@ from onnx import numpy_helper
 from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
-from . import attention_kernels, decoder_kernels, kernels
+from . import attention_kernels, decoder_kernels, kernels, kernels_int8
 from .onnx_gaps import gap_converters
 
 __all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
@@ -38,30 +38,50 @@ class LoweredModel:
     param_names: list[str]
     params: dict[str, np.ndarray]
     num_inputs: int
+    kernels: dict[str, int] = field(default_factory=dict)  # quantized matmuls per kernel kind
+    layouts: dict[str, str] = field(default_factory=dict)  # packed param -> its layout (see _retile)
 
 
-def _retile(graph: onnx.GraphProto) -> dict[str, np.ndarray]:
-    """Packed initializers of our ops in the x86 kernel layout, keyed by initializer name."""
+def _int8_dot(node: onnx.NodeProto, enabled: bool) -> bool:
+    """Whether a QMatMul/QConv runs on the int8 dot-product kernel (:mod:`.kernels_int8`)."""
+    attrs = {a.name: a.i for a in node.attribute if a.name in ("bits", "group_size", "K", "N")}
+    return enabled and kernels_int8.supports(attrs["bits"], attrs["K"], attrs["N"], attrs["group_size"])
+
+
+def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    """Packed initializers of our ops in the layout of the kernel each op runs on, keyed by name, and
+    each one's layout name: ``tiled{t}`` (:func:`.kernels.tile_planes`, :func:`.kernels.tile_groups`) or
+    ``dot8`` (:func:`.kernels_int8.dot_planes`, groups tiled by 8)."""
     inits = {t.name: t for t in graph.initializer}
     out: dict[str, np.ndarray] = {}
+    layouts: dict[str, str] = {}
     for node in graph.node:
         if node.domain != qops.DOMAIN or node.op_type not in (qops.QMATMUL, qops.QCONV):
             continue
-        n = next(a.i for a in node.attribute if a.name == "N")
-        t = kernels.tile_for(n)
-        for pos in (1, 2):
-            if len(node.input) > pos and node.input[pos]:
-                out[node.input[pos]] = kernels.tile_planes([numpy_helper.to_array(inits[node.input[pos]])], t)[0]
-        for pos in (3, 4):
-            out[node.input[pos]] = kernels.tile_groups(numpy_helper.to_array(inits[node.input[pos]]), t)
-    return out
+        attrs = {a.name: a.i for a in node.attribute if a.name in ("bits", "group_size", "K", "N")}
+        words = [numpy_helper.to_array(inits[name]) for name in node.input[1:3] if name]
+        if _int8_dot(node, int8_dot):
+            fmt = WeightFormat(attrs["bits"], attrs["group_size"])
+            t, layout = kernels_int8.TILE, "dot8"
+            planes = kernels_int8.dot_planes(words, fmt.planes, attrs["K"])
+        else:
+            t = kernels.tile_for(attrs["N"])
+            layout = f"tiled{t}"
+            planes = kernels.tile_planes(words, t)
+        for name, plane in zip((n for n in node.input[1:3] if n), planes):
+            out[name] = plane
+        for name in node.input[3:5]:
+            out[name] = kernels.tile_groups(numpy_helper.to_array(inits[name]), t)
+        layouts.update({name: layout for name in node.input[1:5] if name})
+    return out, layouts
 
 
-def _split_params(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], dict[str, np.ndarray]]:
-    """Move packed and large float initializers to graph inputs; return the new model and params."""
+def _split_params(model: onnx.ModelProto, int8_dot: bool):
+    """Move packed and large float initializers to graph inputs; return the new model, the param names,
+    the params and the packed params' layouts (:func:`_retile`)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    packed = _retile(graph)
+    packed, layouts = _retile(graph, int8_dot)
     names, params, keep = [], {}, []
     for init in graph.initializer:
         if init.name in packed:
@@ -78,7 +98,7 @@ def _split_params(model: onnx.ModelProto) -> tuple[onnx.ModelProto, list[str], d
             init.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
     del graph.initializer[:]
     graph.initializer.extend(keep)
-    return model, names, params
+    return model, names, params, layouts
 
 
 def _prod(dims):
@@ -88,8 +108,10 @@ def _prod(dims):
 class _Emitter:
     """Emits our kernels into a BlockBuilder, each distinct kernel once."""
 
-    def __init__(self):
+    def __init__(self, int8_dot: bool = False):
         self.cache: dict[tuple, object] = {}
+        self.int8_dot = int8_dot
+        self.counts: dict[str, int] = {}
 
     def kernel(self, bb, key: tuple, make):
         if key not in self.cache:
@@ -99,7 +121,14 @@ class _Emitter:
     def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
         from tvm import relax  # noqa: PLC0415
 
-        gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+        if self.int8_dot and kernels_int8.supports(fmt.bits, k, n, fmt.group_size):
+            kind = "int8_dot"
+            gv = self.kernel(bb, ("qmatmul_i8", fmt.name, k, n),
+                             lambda: kernels_int8.int8_matmul(fmt.planes, fmt.group_size, k, n))
+        else:
+            kind = "float"
+            gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+        self.counts[kind] = self.counts.get(kind, 0) + 1
         w0 = planes[0]
         w1 = planes[1] if planes[1] is not None else w0
         return bb.emit(relax.call_tir(gv, [x2, w0, w1, s, z], relax.TensorType([m, n], "float32")))
@@ -307,9 +336,9 @@ def _symbolic_range(fe, inputs, params):
 
 
 @contextlib.contextmanager
-def _our_converters():
+def _our_converters(emitter: _Emitter):
     """Make ``from_onnx`` convert qcompile's ops (it has no hook for custom domains but its map),
-    and symbolic-length ``Range`` (:func:`_symbolic_range`)."""
+    and symbolic-length ``Range`` (:func:`_symbolic_range`); our kernels go through ``emitter``."""
     global _EMITTER  # noqa: PLW0603
     from tvm.relax.frontend.onnx import onnx_frontend as fe  # noqa: PLC0415
 
@@ -359,7 +388,7 @@ def _our_converters():
         table.update(gap_converters(fe))
         return table
 
-    _EMITTER = _Emitter()
+    _EMITTER = emitter
     fe._get_convert_map = patched  # noqa: SLF001
     try:
         yield
@@ -368,17 +397,34 @@ def _our_converters():
         _EMITTER = None
 
 
-def lower_to_relax(model: onnx.ModelProto) -> LoweredModel:
-    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...)."""
+def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False) -> LoweredModel:
+    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...).
+
+    ``int8_dot``: quantized matmuls whose format allows it run on the int8 dot-product kernels
+    (:mod:`.kernels_int8`, activations quantized to int8 per block of 32); the others, and all of
+    them when False, on the float dequantizing kernels (:mod:`.kernels`).
+    """
+    from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
     num_inputs = len(model.graph.input)
-    split, names, params = _split_params(model)
+    split, names, params, layouts = _split_params(model, int8_dot)
     # our custom-domain nodes make onnx.checker complain inside from_onnx; that is expected
     import warnings  # noqa: PLC0415
 
-    with _our_converters(), warnings.catch_warnings():
+    emitter = _Emitter(int8_dot)
+    with _our_converters(emitter), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mod = from_onnx(split, keep_params_in_input=False)
-    log.info("lowered to Relax: %d functions, %d params", len(mod.functions), len(names))
-    return LoweredModel(mod, names, params, num_inputs)
+    # the params are trusted (the runtime loads them from the hashed artifact): with "num_input" the VM
+    # checks only the model's inputs on each call, not ~760 param tensors (measured: 570 -> 110 us a call)
+    mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+    # our kernels take row views ([m, n]): the reshapes around them cancel in chains (~1 us a reshape a
+    # call in the VM, ~30 a decoder layer before this)
+    mod = relax.transform.RemoveRedundantReshape()(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    # and they travel as one tuple argument: one FFI argument instead of ~760 a call (110 -> 5 us)
+    mod = relax.transform.BundleModelParams("params")(mod)
+    log.info("lowered to Relax: %d functions, %d params; quantized matmul kernels %s",
+             len(mod.functions), len(names), emitter.counts)
+    return LoweredModel(mod, names, params, num_inputs, dict(emitter.counts), layouts)
