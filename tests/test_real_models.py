@@ -73,7 +73,8 @@ class Builds:
 
     def __getitem__(self, bpw: float) -> Build:
         if bpw not in self._builds:
-            result = compile_model(self.path, self._tmp / f"{self.name}-{bpw}.qcm", CompileOptions(target="x86", bpw=bpw))
+            result = compile_model(self.path, self._tmp / f"{self.name}-{bpw}.qcm", CompileOptions(target="x86", bpw=bpw,
+                                                                                               int8_dot=False))  # exact decoded weights
             log.info("%s bpw %s: compiled in %.1f s (%s), achieved %.4f bpw, %d tensors quantized, "
                      "sqrt(sum rel_error) %.4g", self.name, bpw, sum(result.seconds.values()),
                      ", ".join(f"{k} {v:.1f}" for k, v in result.seconds.items()),
