@@ -42,10 +42,10 @@ class LoweredModel:
     layouts: dict[str, str] = field(default_factory=dict)  # packed param -> its layout (see _retile)
 
 
-def _int8_dot(node: onnx.NodeProto, enabled: bool) -> bool:
-    """Whether a QMatMul/QConv runs on the int8 dot-product kernel (:mod:`.kernels_int8`)."""
-    attrs = {a.name: a.i for a in node.attribute if a.name in ("bits", "group_size", "K", "N")}
-    return enabled and kernels_int8.supports(attrs["bits"], attrs["K"], attrs["N"], attrs["group_size"])
+def _int8_dot(enabled: bool, fmt: WeightFormat, k: int, n: int) -> bool:
+    """Whether a quantized matmul runs on the int8 dot-product kernel (:mod:`.kernels_int8`): the one
+    decision behind both the weight layout (:func:`_retile`) and the kernel (:meth:`_Emitter.qmatmul2d`)."""
+    return enabled and kernels_int8.supports(fmt.bits, k, n, fmt.group_size)
 
 
 def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
@@ -60,8 +60,8 @@ def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarra
             continue
         attrs = {a.name: a.i for a in node.attribute if a.name in ("bits", "group_size", "K", "N")}
         words = [numpy_helper.to_array(inits[name]) for name in node.input[1:3] if name]
-        if _int8_dot(node, int8_dot):
-            fmt = WeightFormat(attrs["bits"], attrs["group_size"])
+        fmt = WeightFormat(attrs["bits"], attrs["group_size"])
+        if _int8_dot(int8_dot, fmt, attrs["K"], attrs["N"]):
             t, layout = kernels_int8.TILE, "dot8"
             planes = kernels_int8.dot_planes(words, fmt.planes, attrs["K"])
         else:
@@ -121,7 +121,7 @@ class _Emitter:
     def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
         from tvm import relax  # noqa: PLC0415
 
-        if self.int8_dot and kernels_int8.supports(fmt.bits, k, n, fmt.group_size):
+        if _int8_dot(self.int8_dot, fmt, k, n):
             kind = "int8_dot"
             gv = self.kernel(bb, ("qmatmul_i8", fmt.name, k, n),
                              lambda: kernels_int8.int8_matmul(fmt.planes, fmt.group_size, k, n))
