@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
     c = sub.add_parser("compile", parents=[common], help="compile an ONNX model (the default command)")
     c.add_argument("model", help="float ONNX model")
     c.add_argument("-o", "--output", required=True, help="artifact directory to write (.qcm)")
-    c.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM target JSON")
+    c.add_argument("--target", default="x86",
+                   help="x86 (the host CPU), arm[:cpu], cuda[:sm_XX], vulkan, or a TVM target JSON")
     c.add_argument("--bpw", type=_bpw, default=4.25,
                    help="average bits per weight over the quantized weights, all storage counted; "
                         ">= 16 keeps float weights")

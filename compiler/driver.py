@@ -411,20 +411,19 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
                   progress: Progress | None = None) -> CompileResult:
     """The whole compile: :func:`quantize_model`, then lower, build and write the artifact."""
-    from qcompile.targets import resolve_target  # noqa: PLC0415
-    from qcompile.targets.x86 import X86Target  # noqa: PLC0415
+    from qcompile.targets import BackendOptions, make_backend, resolve_target  # noqa: PLC0415
 
     spec = resolve_target(opts.target)
     q = quantize_model(model_path, opts, progress)
     seconds = dict(q.seconds)
     t0 = time.perf_counter()
-    backend = X86Target(spec, int8_dot=opts.int8_dot)
+    backend = make_backend(spec, BackendOptions(int8_dot=opts.int8_dot))
     qproto, interface, cache = q.qproto, q.proto, None
     fusion: dict = {"enabled": opts.fuse}
     if opts.fuse and backend.decoder_fusion:
         qproto, counts = fuse_decoder(qproto)
         fusion |= counts
-    if opts.fuse:
+    if opts.fuse and backend.attention_fusion:
         attn = fuse_attention(qproto)
         qproto, cache = attn.model, attn.cache
         fusion |= {"attention": attn.attention, "kv_cache": cache is not None}
@@ -436,8 +435,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
     manifest["fusion"] = fusion
-    manifest["kernels"] = {"int8_dot": backend.int8_dot, "quantized_matmuls": lowered.kernels,
-                           "param_layouts": lowered.layouts}
+    manifest["kernels"] = backend.manifest_kernels(lowered)
     if cache is not None:
         manifest["kv_cache"] = cache.to_manifest()
     manifest["outliers"] = q.outliers

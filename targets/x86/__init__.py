@@ -7,7 +7,7 @@ from pathlib import Path
 
 from ..base import TargetSpec
 
-__all__ = ["host_target", "target_from_json", "X86Target"]
+__all__ = ["host_target", "target_from_json", "X86Target", "resolve", "make_backend"]
 
 # ISA extensions recorded in the manifest when compiling for the host's own mcpu
 _TRACKED_FLAGS = ("sse4_2", "avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl",
@@ -49,6 +49,22 @@ def _has_features(tjson: dict, features: str) -> bool:
     return bool(codegen.target_has_features(features, tvm.target.Target(tjson)))
 
 
+def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
+    """``x86`` (the host CPU) or a ``{"kind": "llvm", ...}`` JSON (see :mod:`qcompile.targets`)."""
+    from qcompile.runtime.errors import QCompileError  # noqa: PLC0415
+
+    if tvm_json is not None:
+        return target_from_json(tvm_json)
+    if text != "x86":
+        raise QCompileError(f"--target {text!r}: x86 takes no preset (it compiles for this host's CPU); "
+                            f"give a TVM target JSON such as {{\"kind\":\"llvm\",\"mcpu\":\"skylake\"}} for another CPU")
+    return host_target()
+
+
+def make_backend(spec: TargetSpec, options) -> "X86Target":
+    return X86Target(spec, int8_dot=options.int8_dot)
+
+
 class X86Target:
     """Capabilities and build steps of the x86 target."""
 
@@ -56,6 +72,7 @@ class X86Target:
     vector_lanes_f32 = 16  # output tile of the dequant kernels (2 x AVX2 or 1 x AVX-512 register)
     supports_formats = "all"
     decoder_fusion = True  # lowers qcompile::RMSNorm, AddRMSNorm, Rotary, GatedAct (passes/fuse_decoder.py)
+    attention_fusion = True  # lowers qcompile::CausalAttention and CacheUpdate (passes/fuse_attention.py)
 
     def __init__(self, spec: TargetSpec, int8_dot: bool = True):
         self.spec = spec
@@ -67,6 +84,10 @@ class X86Target:
         from .lower import lower_to_relax  # noqa: PLC0415
 
         return lower_to_relax(model, int8_dot=self.int8_dot)
+
+    def manifest_kernels(self, lowered) -> dict:
+        """What the manifest says about the kernels (``manifest["kernels"]``)."""
+        return {"int8_dot": self.int8_dot, "quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts}
 
     def build(self, mod, out_path: str) -> None:
         from .build import build_library  # noqa: PLC0415
