@@ -215,6 +215,7 @@ class Session:
 
     def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
         """Run the model; ``output_names=None`` returns every output in the model's order."""
+        self._check_cache_room(feeds)
         by_name = {o.name: v for o, v in zip(self.outputs, self.run_device(self._prepare(feeds)))}
         if output_names is None:
             output_names = [o.name for o in self.outputs]
@@ -222,6 +223,23 @@ class Session:
         if unknown:
             raise QCompileError(f"{self.path}: no outputs named {unknown}; outputs are {list(by_name)}")
         return [by_name[n].numpy() for n in output_names]
+
+
+    def _check_cache_room(self, feeds: dict) -> None:
+        """An in-place KV cache (manifest ``kv_cache``) must hold the past and the new positions: the
+        kernels write position past + s for s < seq into buffers of ``capacity`` positions."""
+        kv = self.manifest.get("kv_cache")
+        if not kv or "input_ids" not in feeds or kv["past_positions"] not in feeds or not kv["layers"]:
+            return
+        past = int(np.shape(feeds[kv["past_positions"]])[0])
+        seq = int(np.shape(feeds["input_ids"])[-1])
+        buffer = kv["layers"][0]["key"]
+        capacity = int(np.shape(feeds[buffer])[2]) if buffer in feeds else past + seq
+        if past + seq > capacity:
+            raise QCompileError(
+                f"{self.path}: the KV cache buffers hold {capacity} positions ({buffer!r} dim 2), but "
+                f"{kv['past_positions']!r} says {past} are filled and input_ids adds {seq}: "
+                f"allocate at least {past + seq} (Generator.reserve does this)")
 
 
 def load(path: str | Path) -> Session:

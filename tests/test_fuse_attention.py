@@ -13,6 +13,7 @@ import torch
 import tvm
 
 import qcompile.runtime as rt
+from qcompile.runtime.errors import QCompileError
 from qcompile.compiler.driver import CompileOptions, compile_model
 from qcompile.compiler.frontend import load_onnx
 from qcompile.compiler.frontends import load_llm
@@ -299,3 +300,22 @@ def test_the_cache_buffers_are_allocated_once(qwen2):
     assert gen.buffers is buffers and all(inp == pointers for inp, _ in steps[8:])
     s.generate([7, 8], 20)  # needs more room: allocated once more, then kept
     assert gen.capacity == 22 and len({tuple(inp) for inp, _ in steps[13:]}) == 1
+
+
+def test_run_refuses_a_cache_without_room_for_the_new_positions(qwen2):
+    _, _, fused = qwen2
+    s = rt.load(fused.path)
+    kv = s.manifest["kv_cache"]
+    feeds = {}
+    for spec in s.get_inputs():
+        if spec.name == "input_ids":
+            feeds[spec.name] = np.array([[1, 2, 3]], dtype=np.int64)
+        elif spec.name == kv["past_positions"]:
+            feeds[spec.name] = np.arange(6, dtype=np.int64)
+        else:  # the cache buffers: 8 positions, 6 filled, 3 more asked for
+            feeds[spec.name] = np.zeros([1, spec.shape[1], 8, spec.shape[3]], np.float32)
+    with pytest.raises(QCompileError, match=r"hold 8 positions.*6 are filled.*adds 3.*at least 9"):
+        s.run(None, feeds)
+    feeds[kv["past_positions"]] = np.arange(5, dtype=np.int64)  # exactly full: runs
+    logits = s.run(["logits"], feeds)[0]
+    assert logits.shape[:2] == (1, 3) and np.isfinite(logits).all()
