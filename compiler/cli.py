@@ -71,9 +71,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="weights whose name matches stay float (repeatable)")
     c.add_argument("--head-bits", type=int, default=None, metavar="BITS",
                    help="quantize the output projection at this width, outside the --bpw average")
-    c.add_argument("--calib", default=None, metavar="FILE",
-                   help="calibration data: text (.txt, with a tokenizer), .npy/.npz arrays, or 'random'; "
-                        "enables GPTQ and the measured (H-weighted) allocation")
+    c.add_argument("--calib", default="auto", metavar="FILE",
+                   help="calibration data: text (.txt, with a tokenizer), .npy/.npz arrays, 'random', 'self' "
+                        "(a decoder LLM's own sampled text) or 'none'; enables GPTQ and the measured (H-weighted) "
+                        "allocation. Default auto: 'self' for a decoder LLM, else none")
     c.add_argument("--tokenizer", default=None, help="tokenizer.json for --calib text (default: beside the model)")
     c.add_argument("--calib-samples", type=int, default=32, help="calibration samples (default 32)")
     c.add_argument("--seq-len", type=int, default=128, help="tokens per text calibration sample (default 128)")

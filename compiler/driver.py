@@ -37,6 +37,7 @@ from qcompile.runtime.manifest import sha256_file
 
 from .artifact import write_artifact
 from .calibdata import load_samples
+from .selfcalib import is_decoder
 from .frontend import load_onnx
 from .frontends.tokenizer import source_tokenizer
 from .manifest_build import build_manifest
@@ -110,7 +111,7 @@ def _work_dir(opts: CompileOptions, mhash: str) -> Path:
 
 
 def _file_digest(spec: str | None) -> str | None:
-    if spec is None or spec == "random":
+    if spec is None or spec in ("random", "self"):
         return spec
     path = Path(spec)
     if not path.is_file():
@@ -123,10 +124,16 @@ def _heads(model: ir.Model, targets: list[QuantTarget]) -> set[str]:
     outputs = {v.name for v in model.graph.outputs}
     heads = set()
     for t in targets:
-        node = model.graph.initializers[t.name].uses()[0].node
-        if any(o.name in outputs for o in node.outputs):
+        uses = model.graph.initializers[t.name].uses()
+        if any(o.name in outputs for use in uses for o in use.node.outputs):
             heads.add(t.name)
     return heads
+
+
+def _no_coarser_than(choices: TensorChoices, bpw: float) -> TensorChoices:
+    """``choices`` without the formats that store fewer than ``bpw`` bits a weight (the finest kept if none)."""
+    kept = tuple(c for c in choices.candidates if c.bits >= bpw * choices.n_weights)
+    return dataclasses.replace(choices, candidates=kept or (max(choices.candidates, key=lambda c: c.bits),))
 
 
 class _Pipeline:
@@ -296,6 +303,8 @@ class _Pipeline:
                 raise QCompileError(f"--bpw {opts.bpw}: the overrides alone use {fixed_bits / total:.3f} bpw")
             free_weights = sum(t.n_weights for t in free)
             weighted = table if not sensitivity else [_weighted(c, sensitivity[c.name].sensitivity) for c in table]
+            if not sensitivity:
+                weighted = _head_policy(weighted, _heads(self.model, free), opts.bpw)
             try:
                 alloc = allocate(weighted, opts.bpw if len(free) == len(body) else budget / free_weights)
             except AllocationError as e:
@@ -305,6 +314,37 @@ class _Pipeline:
         candidates = {c.name: [{"format": x.format_name, "bits": x.bits, "error": x.error}
                                for x in c.candidates] for c in table}
         return plan, heads, candidates, objective
+
+
+def _head_policy(table: list[TensorChoices], heads: set[str], bpw: float) -> list[TensorChoices]:
+    """Policy when no sensitivity was measured: an output head gets no fewer bits than the average.
+
+    Without calibration the allocator weighs every tensor's relative error alike, and a large head (an
+    LLM's vocabulary projection: 21% of SmolLM2's weights) is then the cheapest place to save bits, although
+    its error reaches the output undamped (llama.cpp keeps it at 6 bits, EXL2 at ``head_bits`` 6-8).
+    With measured sensitivities the allocator knows what a head's error costs and this rule is not needed.
+    """
+    out = []
+    for c in table:
+        if c.name in heads:
+            c = _no_coarser_than(c, bpw)
+            log.info("head %s: no sensitivity measured -> formats of at least %s bpw (policy: %d candidates)",
+                     c.name, bpw, len(c.candidates))
+        out.append(c)
+    return out
+
+
+def _resolve_calib(opts: CompileOptions, proto: onnx.ModelProto, model_path) -> CompileOptions:
+    """``--calib auto`` (the CLI's default): a decoder LLM calibrates on text it writes itself
+    (:mod:`.selfcalib`), anything else compiles without calibration; ``none``: no calibration."""
+    if opts.calib not in ("auto", "none"):
+        return opts
+    calib = None
+    if opts.calib == "auto" and opts.bpw < FLOAT_BPW and is_decoder(proto):
+        calib = "self"
+        log.info("%s: a decoder LLM and no --calib: calibrating on %d sequences of %d tokens it generates "
+                 "itself (--calib none: no calibration)", model_path, opts.calib_samples, opts.calib_seq_len)
+    return dataclasses.replace(opts, calib=calib)
 
 
 def _awq_settings(opts: CompileOptions, stats: CalibrationStats | None) -> list[bool]:
@@ -339,6 +379,7 @@ class Quantized:
     sensitivity: dict
     seconds: dict[str, float]
     tokenizer: str | None = None  # tokenizer.json text shipped with the model (or --tokenizer)
+    calibration: str | None = None  # what calibrated: a file name, "self", "random", or None
 
 
 def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progress | None = None) -> Quantized:
@@ -348,6 +389,7 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     run = _Pipeline(model_path, opts, progress)
+    opts = run.opts = _resolve_calib(opts, run.proto, model_path)
     if not run.targets:
         log.warning("%s: no weight is large enough to quantize; compiling with float weights", model_path)
     seconds["load"] = time.perf_counter() - t0
@@ -405,7 +447,7 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
     sens = {k: dataclasses.asdict(v) for k, v in (sensitivity or {}).items()}
     return Quantized(run.proto, qproto, run.targets, qpass.records, heads, candidates,
                      {"activation_scaling": outliers, "awq": awq_choice}, measure_name, float_weights, sens,
-                     seconds, run.tokenizer())
+                     seconds, run.tokenizer(), None if opts.calib is None or float_weights else Path(opts.calib).name)
 
 
 def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
@@ -439,6 +481,7 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     if cache is not None:
         manifest["kv_cache"] = cache.to_manifest()
     manifest["outliers"] = q.outliers
+    manifest["calibration"] = q.calibration
     manifest["sensitivity"] = q.sensitivity
     extra = {"report.html": lambda m: html_report(m, f"qcompile: {Path(model_path).name}")}
     if q.tokenizer:
