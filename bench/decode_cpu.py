@@ -70,8 +70,9 @@ def qcompile_builds(gguf: Path, work: Path, quick: bool) -> list[tuple[str, floa
     np.savez(calib, input_ids=data.calibration_windows(CALIB_WINDOWS, CALIB_LENGTH).astype(np.int64))
     calibrated = {"calib": str(calib), "calib_samples": CALIB_WINDOWS, "calib_seq_len": CALIB_LENGTH,
                   "workdir": work / "qcompile-work"}
+    selfcal = {"calib": "self", "workdir": work / "qcompile-work"}  # what the CLI does by default
     return [("float", 16.0, {}), ("5.0 bpw", 5.0, {}), ("4.25 bpw", 4.25, {}), ("3.0 bpw", 3.0, {}),
-            ("4.25 bpw calibrated", 4.25, calibrated)]
+            ("4.25 bpw self-calibrated", 4.25, selfcal), ("4.25 bpw calibrated", 4.25, calibrated)]
 
 
 def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tuple[Path, dict, float]]:
@@ -107,10 +108,13 @@ def qcompile_rows(built, prompt: list[int], new: int, repeats: int, check_ref):
             tokens = session.generate(prompt, new)
             st = session.generator().stats
             best_p, best_d = max(best_p, st.prefill_tok_s), max(best_d, st.decode_tok_s)
-        calibrated = "calibrated" in variant
-        note = (f"compiled in {compile_s:.0f} s " +
-                (f"with calibration ({CALIB_WINDOWS} x {CALIB_LENGTH} KJV tokens: GPTQ, AWQ, sensitivity)"
-                 if calibrated else "without calibration (RTN measured allocation)"))
+        how = {"self": "on 32 x 128 tokens of text the float model sampled itself (the CLI's default for "
+                       "decoders): GPTQ, AWQ, sensitivity",
+               None: "without calibration (--calib none: RTN measured allocation, the head at >= the average bpw)"}
+        calib = manifest.get("calibration")
+        note = f"compiled in {compile_s:.0f} s " + (
+            how[calib] if calib in how else
+            f"calibrated on {CALIB_WINDOWS} x {CALIB_LENGTH} KJV tokens ({calib}): GPTQ, AWQ, sensitivity")
         if float_weights:
             ref = check_ref(new)
             note = f"float weights; greedy tokens {'match' if tokens == ref else 'DIFFER FROM'} transformers " \
