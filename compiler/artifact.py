@@ -23,10 +23,13 @@ def write_artifact(
     out: str | Path,
     manifest: dict,
     params: dict[str, np.ndarray],
-    build_module: Callable[[str], None],
+    build_module: Callable[[str], list[str] | None],
     extra: dict[str, Callable[[dict], str]] | None = None,
 ) -> Path:
     """Create ``out`` with module.so (written by ``build_module(path)``), params and manifest.
+
+    A target whose artifact holds other files (Vulkan: kernels.wgsl + plan.json) writes them beside
+    ``path`` instead and returns their names.
 
     ``extra`` maps more file names to functions rendering them from the manifest.  Nothing appears at
     ``out`` unless every step succeeds; an existing artifact there is replaced.
@@ -37,10 +40,10 @@ def write_artifact(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        build_module(str(tmp / MODULE))
+        built = build_module(str(tmp / MODULE))
         save_file({k: np.ascontiguousarray(v) for k, v in params.items()}, str(tmp / PARAMS))
         manifest = dict(manifest, format_version=FORMAT_VERSION)
-        names = [MODULE, PARAMS]
+        names = [*(built or [MODULE]), PARAMS]
         for name, render in (extra or {}).items():  # derived text files (report.html): hashed too
             (tmp / name).write_text(render(manifest))
             names.append(name)

@@ -4,7 +4,8 @@ It lives in the runtime so that an app can ship the runtime alone; the compiler 
 
     model.qcm/
       manifest.json        FORMAT_VERSION, inputs/outputs, target, tensors, bpw report, file hashes
-      module.so            TVM-built library (Relax VM executable)
+      module.so            TVM-built library (Relax VM executable)          device "cpu"
+      kernels.wgsl         WGSL kernels + plan.json, their call plan          device "vulkan"
       params.safetensors   packed weights and float constants, fed to ``main`` after the inputs
 """
 
@@ -21,6 +22,9 @@ __all__ = [
     "MANIFEST",
     "MODULE",
     "PARAMS",
+    "PLAN",
+    "KERNELS_WGSL",
+    "required_files",
     "sha256_file",
     "read_manifest",
     "verify_files",
@@ -30,6 +34,13 @@ FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 MODULE = "module.so"
 PARAMS = "params.safetensors"
+PLAN = "plan.json"
+KERNELS_WGSL = "kernels.wgsl"
+
+
+def required_files(device: str) -> tuple[str, ...]:
+    """The files an artifact for ``device`` ("cpu" or "vulkan") must list in its manifest."""
+    return (PLAN, KERNELS_WGSL, PARAMS) if device == "vulkan" else (MODULE, PARAMS)
 
 _REQUIRED = ("format_version", "target", "inputs", "outputs", "params", "tensors", "bpw", "files")
 

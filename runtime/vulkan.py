@@ -1,0 +1,388 @@
+"""Run a Vulkan artifact (``kernels.wgsl`` + ``plan.json``) with wgpu (wgpu-native) on its Vulkan backend.
+
+The plan (written by ``qcompile.targets.vulkan.build``) lists the buffers, the WGSL kernels and their
+calls in order, with sizes, uniform values and grids as expressions of the model's symbolic dims.
+At load, the shader modules, pipelines and parameter buffers are created once.  For each set of
+input shapes (bound to the symbolic dims), the storage buffers, bind groups and uniform values are
+created once and kept (a few shape sets at a time); a run then writes the inputs, records one command
+buffer (every dispatch in one compute pass, then the output copies) and submits it.
+
+int64 tensors live on the device as int32 (WGSL has no 64-bit integers): inputs are narrowed on upload
+(values must fit) and outputs widened on download.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ArtifactError, QCompileError
+from .manifest import KERNELS_WGSL, PARAMS, PLAN, read_manifest, required_files, verify_files
+
+__all__ = ["Session", "load", "compile_expr", "request_device"]
+
+log = logging.getLogger(__name__)
+
+PLAN_FORMAT = 1
+_KERNEL_MARK = "// qcompile-kernel: "
+_SHAPE_SETS = 4  # shape signatures whose buffers and bind groups are kept
+_POD_NUMPY = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
+_DEVICE_NUMPY = {"float32", "float16", "int32", "uint32"}
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """An input or output of the model: name, numpy dtype name, shape (ints, or str for symbolic)."""
+
+    name: str
+    dtype: str
+    shape: tuple
+
+
+# -- plan expressions ----------------------------------------------------------------------------------
+
+_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
+        ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+
+
+def compile_expr(text: str):
+    """A plan expression (ints, names, + - * // %, min, max) as a function of an environment dict."""
+    tree = ast.parse(str(text), mode="eval").body
+
+    def build(node):
+        if isinstance(node, ast.Constant) and isinstance(node.value, int):
+            value = node.value
+            return lambda env: value
+        if isinstance(node, ast.Name):
+            name = node.id
+            return lambda env: env[name]
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            op, a, b = _OPS[type(node.op)], build(node.left), build(node.right)
+            return lambda env: op(a(env), b(env))
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            a = build(node.operand)
+            return lambda env: -a(env)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
+                and len(node.args) == 2 and not node.keywords:
+            f = min if node.func.id == "min" else max
+            a, b = build(node.args[0]), build(node.args[1])
+            return lambda env: f(a(env), b(env))
+        raise ArtifactError(f"plan.json: expression {text!r} uses {ast.dump(node)}, which the runtime does not allow")
+
+    return build(tree)
+
+
+# -- device ---------------------------------------------------------------------------------------------
+
+def request_device(features: tuple[str, ...] = ()):
+    """A wgpu device on the Vulkan backend (``WGPU_ADAPTER_NAME`` picks an adapter by name), with the
+    adapter's own buffer-size limits."""
+    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # wgpu-native's loader complains without it
+    import wgpu  # noqa: PLC0415
+
+    adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan"]
+    if not adapters:
+        raise QCompileError("no Vulkan adapter found (install a Vulkan driver, e.g. Mesa's lavapipe: "
+                            "apt-get install mesa-vulkan-drivers)")
+    want = os.environ.get("WGPU_ADAPTER_NAME")
+    if want:
+        adapters = [a for a in adapters if want.lower() in a.info.get("device", "").lower()] or adapters
+    # a discrete or integrated GPU before a CPU implementation (lavapipe)
+    order = {"DiscreteGPU": 0, "IntegratedGPU": 1, "VirtualGPU": 2, "CPU": 3}
+    adapter = min(adapters, key=lambda a: order.get(a.info.get("adapter_type", ""), 4))
+    missing = [f for f in features if f not in adapter.features]
+    if missing:
+        raise QCompileError(f"Vulkan adapter {adapter.info['device']} lacks features {missing}")
+    limits = {k: adapter.limits[k] for k in ("max-storage-buffer-binding-size", "max-buffer-size",
+                                             "max-storage-buffers-per-shader-stage",
+                                             "max-compute-workgroup-storage-size",
+                                             "max-compute-invocations-per-workgroup")}
+    device = adapter.request_device_sync(required_features=list(features), required_limits=limits)
+    log.info("wgpu device: %s (%s)", adapter.info["device"], adapter.info.get("description", ""))
+    return device
+
+
+def _split_sources(text: str) -> dict[str, str]:
+    out = {}
+    for chunk in text.split(_KERNEL_MARK)[1:]:
+        name, _, src = chunk.partition("\n")
+        out[name.strip()] = src
+    return out
+
+
+def _device_dtype(plan: dict, dtype: str) -> str:
+    return plan.get("device_dtypes", {}).get(dtype, dtype)
+
+
+class _Program:
+    """What one set of input shapes needs: storage buffers, bind groups, uniform values, dispatches."""
+
+    def __init__(self, sess: Session, env: dict):
+        import wgpu  # noqa: PLC0415
+
+        dev, plan = sess.device, sess.plan
+        self.env = env
+        buffers: list = []
+        for spec in plan["buffers"]:
+            kind = spec["kind"]
+            if kind == "input":
+                buffers.append(None)  # filled below, sized from the feed
+            elif kind in ("param", "const"):
+                buffers.append(sess.fixed[spec["name"]])
+            else:
+                size = max(16, -(-sess.exprs(spec["bytes"], env) // 16) * 16)
+                buffers.append(dev.create_buffer(size=size, usage=_STORAGE_USAGE()))
+        self.inputs = []
+        for i, spec in enumerate(sess.input_specs):
+            shape = [sess.exprs(d, env) for d in spec["shape"]]
+            nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(plan, spec["dtype"])).itemsize
+            buf = dev.create_buffer(size=max(16, -(-nbytes // 16) * 16), usage=_STORAGE_USAGE())
+            self.inputs.append(buf)
+        for b, spec in enumerate(plan["buffers"]):
+            if spec["kind"] == "input":
+                buffers[b] = self.inputs[spec["index"]]
+        self.buffers = buffers
+
+        align = dev.limits["min-uniform-buffer-offset-alignment"]
+        max_dim = dev.limits["max-compute-workgroups-per-dimension"]
+        calls = plan["calls"]
+        slot = max(align, 16)
+        pods = bytearray(slot * max(1, len(calls)))
+        self.dispatches = []
+        for c_i, call in enumerate(calls):
+            kernel = sess.kernels[call["kernel"]]
+            gx, gy = (sess.exprs(g, env) for g in call["grid"])
+            if gx <= 0 or gy <= 0:
+                continue
+            if gy > max_dim:
+                raise QCompileError(f"{sess.path}: kernel {kernel['name']} needs {gy} workgroups in y (limit {max_dim})")
+            gz = -(-gx // max_dim)
+            x = -(-gx // gz)
+            values = [sess.exprs(v, env) for v in call["pod"]] + [gx - 1]
+            types = kernel["pod"]
+            if len(types) != len(values):
+                raise ArtifactError(f"{sess.path}: kernel {kernel['name']} takes {len(types)} uniform values, "
+                                    f"the plan gives {len(values)}")
+            for j, (t, v) in enumerate(zip(types, values)):
+                pods[c_i * slot + 4 * j: c_i * slot + 4 * j + 4] = np.array(v, _POD_NUMPY[t]).tobytes()
+            entries = []
+            for j, ((b, offset), _access) in enumerate(zip(call["bindings"], kernel["bindings"])):
+                buf = buffers[b]
+                off = sess.exprs(offset, env)
+                entries.append({"binding": j, "resource": {"buffer": buf, "offset": off, "size": buf.size - off}})
+            self.dispatches.append((sess.pipelines[call["kernel"]], kernel, entries, c_i * slot, (x, gy, gz)))
+        self.uniform = dev.create_buffer_with_data(data=bytes(pods), usage=wgpu.BufferUsage.UNIFORM)
+        self.bind_groups = []
+        for pipeline, kernel, entries, pod_offset, grid in self.dispatches:
+            if kernel["pod"]:
+                entries = entries + [{"binding": len(entries), "resource": {
+                    "buffer": self.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}}]
+            group = dev.create_bind_group(layout=sess.layouts[kernel["name"]], entries=entries)
+            self.bind_groups.append((pipeline, group, grid))
+        self.outputs = []
+        for spec in plan["outputs"]:
+            shape = tuple(sess.exprs(d, env) for d in spec["shape"])
+            ddtype = _device_dtype(plan, spec["dtype"])
+            nbytes = int(np.prod(shape)) * np.dtype(ddtype).itemsize
+            size = max(4, -(-nbytes // 4) * 4)
+            read = dev.create_buffer(size=size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+            self.outputs.append((buffers[spec["buffer"]], sess.exprs(spec["offset"], env), size, read, shape,
+                                 ddtype, spec["dtype"], nbytes))
+
+
+def _STORAGE_USAGE():  # noqa: N802
+    import wgpu  # noqa: PLC0415
+
+    return wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
+
+
+class Session:
+    """A loaded Vulkan artifact: ``run(output_names, feeds)`` returns a list of numpy arrays."""
+
+    def __init__(self, path: str | Path, device=None):
+        root = Path(path)
+        self.path = root
+        self.manifest = read_manifest(root)
+        device_kind = self.manifest["target"].get("device")
+        if device_kind != "vulkan":
+            raise ArtifactError(f"{root}: compiled for device {device_kind!r}, not 'vulkan'")
+        verify_files(root, self.manifest)
+        for required in required_files("vulkan"):
+            if required not in self.manifest["files"]:
+                raise ArtifactError(f"{root}: manifest lists no {required}")
+        self.plan = plan = json.loads((root / PLAN).read_text())
+        if plan.get("format") != PLAN_FORMAT:
+            raise ArtifactError(f"{root}: plan format {plan.get('format')}, this runtime reads {PLAN_FORMAT}")
+        self.kernels = plan["kernels"]
+        features = ("shader-f16",) if any(k["f16"] for k in self.kernels) else ()
+        self.device = device if device is not None else request_device(features)
+        self._exprs: dict[str, object] = {}
+        self.input_specs = plan["inputs"]
+        self.inputs = [NodeArg(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
+        self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
+        if len(self.inputs) != len(self.input_specs) or len(self.outputs) != len(plan["outputs"]):
+            raise ArtifactError(f"{root}: plan.json and the manifest disagree on the inputs or outputs")
+        self._create_pipelines(_split_sources((root / KERNELS_WGSL).read_text()))
+        self.fixed = self._upload_fixed(root)
+        self._programs: OrderedDict = OrderedDict()
+        log.info("loaded %s: %d kernels, %d calls, %d parameter buffers", root, len(self.kernels),
+                 len(plan["calls"]), len(self.fixed))
+
+    # -- load ---------------------------------------------------------------------------------------
+
+    def exprs(self, text, env: dict) -> int:
+        f = self._exprs.get(text)
+        if f is None:
+            f = self._exprs[text] = compile_expr(text)
+        return int(f(env))
+
+    def _create_pipelines(self, sources: dict[str, str]):
+        import wgpu  # noqa: PLC0415
+
+        dev = self.device
+        self.pipelines, self.layouts = [], {}
+        for k in self.kernels:
+            src = sources.get(k["name"])
+            if src is None:
+                raise ArtifactError(f"{self.path}: {KERNELS_WGSL} has no kernel {k['name']}")
+            entries = [{"binding": j, "visibility": wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": "read-only-storage" if access == "read" else "storage"}}
+                       for j, access in enumerate(k["bindings"])]
+            if k["pod"]:
+                entries.append({"binding": len(entries), "visibility": wgpu.ShaderStage.COMPUTE,
+                                "buffer": {"type": "uniform"}})
+            layout = dev.create_bind_group_layout(entries=entries)
+            module = dev.create_shader_module(code=src, label=k["name"])
+            pipeline = dev.create_compute_pipeline(
+                layout=dev.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": k["name"]}, label=k["name"])
+            self.layouts[k["name"]] = layout
+            self.pipelines.append(pipeline)
+
+    def _upload_fixed(self, root: Path) -> dict:
+        from safetensors.numpy import load_file  # noqa: PLC0415
+
+        arrays = load_file(str(root / PARAMS))
+        if "constants.safetensors" in self.manifest["files"]:
+            arrays.update(load_file(str(root / "constants.safetensors")))
+        out = {}
+        for spec in self.plan["buffers"]:
+            if spec["kind"] not in ("param", "const"):
+                continue
+            name = spec["name"]
+            if name not in arrays:
+                raise ArtifactError(f"{root}: no parameter {name} in {PARAMS}")
+            a = self._to_device(arrays[name], name)
+            out[name] = self.device.create_buffer_with_data(data=_padded(a), usage=_STORAGE_USAGE())
+        return out
+
+    def _to_device(self, a: np.ndarray, what: str) -> np.ndarray:
+        dtype = _device_dtype(self.plan, str(a.dtype))
+        if dtype not in _DEVICE_NUMPY:
+            raise QCompileError(f"{self.path}: {what} has dtype {a.dtype}, which the Vulkan runtime cannot hold")
+        if dtype != str(a.dtype):
+            info = np.iinfo(dtype)
+            if a.size and (a.min() < info.min or a.max() > info.max):
+                raise QCompileError(f"{self.path}: {what} has values outside {dtype} (the device's integer width)")
+            a = a.astype(dtype)
+        return np.ascontiguousarray(a)
+
+    # -- run ----------------------------------------------------------------------------------------
+
+    def get_inputs(self) -> list[NodeArg]:
+        return list(self.inputs)
+
+    def get_outputs(self) -> list[NodeArg]:
+        return list(self.outputs)
+
+    def _bind(self, feeds: dict) -> tuple[list[np.ndarray], dict]:
+        names = [i.name for i in self.inputs]
+        unknown = sorted(set(feeds) - set(names))
+        missing = [n for n in names if n not in feeds]
+        if unknown or missing:
+            raise QCompileError(f"{self.path}: inputs do not match the model: expected {names}, "
+                                f"missing {missing}, unknown {unknown}")
+        arrays, env = [], {}
+        for spec, plan_spec in zip(self.inputs, self.input_specs):
+            a = np.asarray(feeds[spec.name])
+            if a.dtype != np.dtype(spec.dtype):
+                raise QCompileError(f"{self.path}: input {spec.name!r} expects dtype {spec.dtype}, found {a.dtype}")
+            if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape)):
+                raise QCompileError(f"{self.path}: input {spec.name!r} expects shape {list(spec.shape)}, "
+                                    f"found {list(a.shape)}")
+            arrays.append(self._to_device(a, f"input {spec.name!r}"))
+        for name, (i, d) in self.plan["shape_vars"].items():
+            env[name] = int(arrays[i].shape[d])
+        for spec, a in zip(self.input_specs, arrays):  # dims that are expressions of the bound ones
+            want = [self.exprs(d, env) for d in spec["shape"]]
+            if list(a.shape) != want:
+                raise QCompileError(f"{self.path}: input {spec['name']!r} has shape {list(a.shape)}, the other "
+                                    f"inputs make it {want}")
+        return arrays, env
+
+    def _program(self, env: dict) -> _Program:
+        key = tuple(sorted(env.items()))
+        prog = self._programs.get(key)
+        if prog is None:
+            prog = self._programs[key] = _Program(self, env)
+            while len(self._programs) > _SHAPE_SETS:
+                self._programs.popitem(last=False)
+        else:
+            self._programs.move_to_end(key)
+        return prog
+
+    def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
+        """Run the model; ``output_names=None`` returns every output in the model's order."""
+        import wgpu  # noqa: PLC0415
+
+        arrays, env = self._bind(feeds)
+        prog = self._program(env)
+        queue = self.device.queue
+        for buf, a in zip(prog.inputs, arrays):
+            if a.nbytes:
+                queue.write_buffer(buf, 0, _padded(a))
+        encoder = self.device.create_command_encoder()
+        self._encode(encoder, prog)
+        for src, offset, size, read, *_ in prog.outputs:
+            encoder.copy_buffer_to_buffer(src, offset, read, 0, size)
+        queue.submit([encoder.finish()])
+        results = {}
+        for o, (src, offset, size, read, shape, ddtype, dtype, nbytes) in zip(self.outputs, prog.outputs):
+            read.map_sync(wgpu.MapMode.READ)
+            data = np.frombuffer(read.read_mapped(0, size), np.uint8)[:nbytes].view(ddtype).reshape(shape)
+            read.unmap()
+            results[o.name] = data.astype(dtype) if ddtype != dtype else data.copy()
+        if output_names is None:
+            output_names = [o.name for o in self.outputs]
+        unknown = [n for n in output_names if n not in results]
+        if unknown:
+            raise QCompileError(f"{self.path}: no outputs named {unknown}; outputs are {list(results)}")
+        return [results[n] for n in output_names]
+
+    @staticmethod
+    def _encode(encoder, prog: _Program) -> None:
+        cpass = encoder.begin_compute_pass()
+        for pipeline, group, (x, y, z) in prog.bind_groups:
+            cpass.set_pipeline(pipeline)
+            cpass.set_bind_group(0, group)
+            cpass.dispatch_workgroups(x, y, z)
+        cpass.end()
+
+
+def _padded(a: np.ndarray) -> bytes:
+    """``a``'s bytes padded to a multiple of 16 (at least 16: wgpu buffers are never empty)."""
+    data = a.tobytes()
+    return data + b"\0" * (-len(data) % 16 or (16 if not data else 0))
+
+
+def load(path: str | Path, device=None) -> Session:
+    """Load the Vulkan artifact at ``path`` (a ``.qcm`` directory)."""
+    return Session(path, device)
+
