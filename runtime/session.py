@@ -62,9 +62,11 @@ def _import_tvm_runtime():
 
 
 def _host_cpu_flags() -> set[str]:
+    # x86 lists its ISA extensions as "flags", aarch64 as "Features" (asimd, asimddp, i8mm, sve...)
+    key = "Features" if platform.machine().lower() in ("aarch64", "arm64") else "flags"
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
+            if line.startswith(key):
                 return set(line.split(":", 1)[1].split())
     except OSError:
         pass

@@ -42,13 +42,14 @@ class LoweredModel:
     layouts: dict[str, str] = field(default_factory=dict)  # packed param -> its layout (see _retile)
 
 
-def _int8_dot(enabled: bool, fmt: WeightFormat, k: int, n: int) -> bool:
-    """Whether a quantized matmul runs on the int8 dot-product kernel (:mod:`.kernels_int8`): the one
-    decision behind both the weight layout (:func:`_retile`) and the kernel (:meth:`_Emitter.qmatmul2d`)."""
-    return enabled and kernels_int8.supports(fmt.bits, k, n, fmt.group_size)
+def _int8_dot(enabled: bool, fmt: WeightFormat, k: int, n: int, dot=kernels_int8) -> bool:
+    """Whether a quantized matmul runs on the int8 dot-product kernel (:mod:`.kernels_int8`, or the
+    target's ``dot`` kernels): the one decision behind both the weight layout (:func:`_retile`) and the
+    kernel (:meth:`_Emitter.qmatmul2d`)."""
+    return enabled and dot.supports(fmt.bits, k, n, fmt.group_size)
 
 
-def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+def _retile(graph: onnx.GraphProto, int8_dot: bool, dot=kernels_int8) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     """Packed initializers of our ops in the layout of the kernel each op runs on, keyed by name, and
     each one's layout name: ``tiled{t}`` (:func:`.kernels.tile_planes`, :func:`.kernels.tile_groups`) or
     ``dot8`` (:func:`.kernels_int8.dot_planes`, groups tiled by 8)."""
@@ -61,9 +62,9 @@ def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarra
         attrs = {a.name: a.i for a in node.attribute if a.name in ("bits", "group_size", "K", "N")}
         words = [numpy_helper.to_array(inits[name]) for name in node.input[1:3] if name]
         fmt = WeightFormat(attrs["bits"], attrs["group_size"])
-        if _int8_dot(int8_dot, fmt, attrs["K"], attrs["N"]):
-            t, layout = kernels_int8.TILE, "dot8"
-            planes = kernels_int8.dot_planes(words, fmt.planes, attrs["K"])
+        if _int8_dot(int8_dot, fmt, attrs["K"], attrs["N"], dot):
+            t, layout = dot.TILE, "dot8"
+            planes = dot.dot_planes(words, fmt.planes, attrs["K"])
         else:
             t = kernels.tile_for(attrs["N"])
             layout = f"tiled{t}"
@@ -76,12 +77,12 @@ def _retile(graph: onnx.GraphProto, int8_dot: bool) -> tuple[dict[str, np.ndarra
     return out, layouts
 
 
-def _split_params(model: onnx.ModelProto, int8_dot: bool):
+def _split_params(model: onnx.ModelProto, int8_dot: bool, dot=kernels_int8):
     """Move packed and large float initializers to graph inputs; return the new model, the param names,
     the params and the packed params' layouts (:func:`_retile`)."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
-    packed, layouts = _retile(graph, int8_dot)
+    packed, layouts = _retile(graph, int8_dot, dot)
     names, params, keep = [], {}, []
     for init in graph.initializer:
         if init.name in packed:
@@ -108,9 +109,10 @@ def _prod(dims):
 class _Emitter:
     """Emits our kernels into a BlockBuilder, each distinct kernel once."""
 
-    def __init__(self, int8_dot: bool = False):
+    def __init__(self, int8_dot: bool = False, dot=kernels_int8):
         self.cache: dict[tuple, object] = {}
         self.int8_dot = int8_dot
+        self.dot = dot
         self.counts: dict[str, int] = {}
 
     def kernel(self, bb, key: tuple, make):
@@ -121,10 +123,10 @@ class _Emitter:
     def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
         from tvm import relax  # noqa: PLC0415
 
-        if _int8_dot(self.int8_dot, fmt, k, n):
+        if _int8_dot(self.int8_dot, fmt, k, n, self.dot):
             kind = "int8_dot"
             gv = self.kernel(bb, ("qmatmul_i8", fmt.name, k, n),
-                             lambda: kernels_int8.int8_matmul(fmt.planes, fmt.group_size, k, n))
+                             lambda: self.dot.int8_matmul(fmt.planes, fmt.group_size, k, n))
         else:
             kind = "float"
             gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
@@ -397,22 +399,25 @@ def _our_converters(emitter: _Emitter):
         _EMITTER = None
 
 
-def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False) -> LoweredModel:
+def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=None) -> LoweredModel:
     """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...).
 
     ``int8_dot``: quantized matmuls whose format allows it run on the int8 dot-product kernels
     (:mod:`.kernels_int8`, activations quantized to int8 per block of 32); the others, and all of
     them when False, on the float dequantizing kernels (:mod:`.kernels`).
+    ``dot_kernels``: the module providing the int8 kernels (``TILE``, ``supports``, ``dot_planes``,
+    ``int8_matmul``), :mod:`.kernels_int8` by default; the ARM target passes its ``sdot`` kernels.
     """
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
     num_inputs = len(model.graph.input)
-    split, names, params, layouts = _split_params(model, int8_dot)
+    dot = dot_kernels or kernels_int8
+    split, names, params, layouts = _split_params(model, int8_dot, dot)
     # our custom-domain nodes make onnx.checker complain inside from_onnx; that is expected
     import warnings  # noqa: PLC0415
 
-    emitter = _Emitter(int8_dot)
+    emitter = _Emitter(int8_dot, dot)
     with _our_converters(emitter), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mod = from_onnx(split, keep_params_in_input=False)
