@@ -75,8 +75,10 @@ def _host_cpu_flags() -> set[str]:
 
 def _check_target(root: Path, target: dict) -> None:
     device = target.get("device")
+    if device == "cuda":
+        return  # the GPU's architecture is checked once TVM's CUDA runtime is up (_check_cuda_arch)
     if device != "cpu":
-        raise ArtifactError(f"{root}: compiled for device {device!r}; this runtime runs 'cpu' artifacts")
+        raise ArtifactError(f"{root}: compiled for device {device!r}; this runtime runs 'cpu' and 'cuda' artifacts")
     arch = target.get("arch")
     host = platform.machine().lower()
     if arch and arch != host:
@@ -88,6 +90,73 @@ def _check_target(root: Path, target: dict) -> None:
             f"{root}: compiled for a CPU with {sorted(needed - have)}, which this CPU lacks; "
             f"recompile with --target x86 on this machine"
         )
+
+
+def _cudart_dirs() -> list[Path]:
+    """Folders that may hold ``libcudart.so.13`` besides the loader's path: CUDA_HOME, /usr/local/cuda and
+    the ``nvidia-cuda-runtime`` wheel (PyTorch's)."""
+    dirs = [Path(os.environ.get("CUDA_HOME", "/usr/local/cuda")) / sub for sub in ("lib64", "lib")]
+    try:
+        import nvidia  # noqa: PLC0415  (namespace package of NVIDIA's wheels)
+
+        for base in getattr(nvidia, "__path__", []):
+            dirs += [Path(base) / "cu13" / "lib", Path(base) / "cuda_runtime" / "lib"]
+    except ImportError:
+        pass
+    return [d for d in dirs if d.is_dir()]
+
+
+def _load_cuda_runtime(tvm) -> None:
+    """Load TVM's CUDA runtime library (``libtvm_runtime_cuda.so``, beside ``libtvm_runtime.so``).
+
+    With ``TVM_USE_RUNTIME_LIB=1`` TVM loads no device backend itself.  The library needs the CUDA
+    runtime (``libcudart.so.13``) and the driver (``libcuda.so.1``); a cudart that the loader does not
+    find on its own is preloaded from :func:`_cudart_dirs`.
+    """
+    import ctypes  # noqa: PLC0415
+
+    from tvm.base import _LOADED_LIBS  # noqa: PLC0415
+    from tvm_ffi.libinfo import load_lib_ctypes  # noqa: PLC0415
+
+    if "tvm_runtime_cuda" in _LOADED_LIBS:
+        return
+    lib_dir = Path(_LOADED_LIBS["tvm_runtime"]._name).resolve().parent  # noqa: SLF001
+
+    def load():
+        _LOADED_LIBS["tvm_runtime_cuda"] = load_lib_ctypes(package="tvm", target_name="tvm_runtime_cuda",
+                                                           extra_lib_paths=[lib_dir], mode="RTLD_LOCAL")
+
+    try:
+        load()
+        return
+    except (OSError, RuntimeError) as first:
+        error = first
+    for d in _cudart_dirs():
+        for lib in sorted(d.glob("libcudart.so.1[0-9]*")):
+            try:
+                ctypes.CDLL(str(lib), mode=ctypes.RTLD_GLOBAL)
+                load()
+                log.info("CUDA runtime from %s", lib)
+                return
+            except (OSError, RuntimeError) as e:
+                error = e
+    raise ArtifactError(f"cannot load TVM's CUDA runtime (libtvm_runtime_cuda.so in {lib_dir}): {error}; "
+                        f"it needs the NVIDIA driver and libcudart.so.13") from error
+
+
+def _check_cuda_arch(root: Path, tvm, target: dict) -> None:
+    """The artifact holds SASS for ``sm_XX`` and PTX of that arch: it runs on that arch or a newer one."""
+    dev = tvm.cuda(0)
+    if not dev.exist:
+        raise ArtifactError(f"{root}: compiled for CUDA, but this machine has no CUDA GPU")
+    arch = str(target.get("arch", ""))
+    have = dev.compute_version  # "9.0"
+    if arch.startswith("sm_") and arch[3:].isdigit():
+        need = int(arch[3:])
+        got = int(have.replace(".", ""))
+        if got < need:
+            raise ArtifactError(f"{root}: compiled for {arch}, this GPU is sm_{got}; "
+                                f"recompile with --target cuda:sm_{got}")
 
 
 class Session:
@@ -104,7 +173,12 @@ class Session:
                 raise ArtifactError(f"{root}: manifest lists no {required}")
         tvm, vm = _import_tvm_runtime()
         self._tvm = tvm
-        self._dev = tvm.cpu(0)
+        if self.manifest["target"].get("device") == "cuda":
+            _load_cuda_runtime(tvm)
+            _check_cuda_arch(root, tvm, self.manifest["target"])
+            self._dev = tvm.cuda(0)
+        else:
+            self._dev = tvm.cpu(0)
         lib = self._load_library(tvm, root / MODULE, self.manifest["files"][MODULE])
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
@@ -148,7 +222,7 @@ class Session:
         missing = [n for n in names if n not in arrays]
         if missing:
             raise ArtifactError(f"{self.path}: {PARAMS} lacks parameters {missing[:5]}")
-        # tvm.runtime.tensor copies into a 64-byte aligned buffer owned by TVM
+        # tvm.runtime.tensor copies into a 64-byte aligned buffer owned by TVM (on the session's device)
         return [self._tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self._dev) for n in names]
 
     def get_inputs(self) -> list[NodeArg]:

@@ -1,0 +1,410 @@
+"""The whole GPU check: correctness and speed of the CUDA target, in one call on the GPU machine.
+
+Two steps, because the GPU machine carries the TVM runtime only (no compiler):
+
+    # on the build machine (TVM compiler + nvcc): kernels, artifacts and CPU references into DIR
+    python -m bench.gpu.gpu_check build --dir .gpu/build
+    # on the GPU machine: checks, timings, bench/results/gpu.json (and a copy wherever --json says)
+    python -m bench.gpu.gpu_check run --dir .gpu/build --json bench/results/gpu.json
+
+``run`` measures:
+- ``copy_GBps``: a 1 GiB device-to-device copy (torch), bytes read + written over time;
+- ``gemv``: batch-1 ``y = x @ dequantize(W).T`` for W of N x K = 4096x4096, 4096x14336, 14336x4096 at
+  2, 3, 4, 5, 6, 8 bits (group 128): our kernel (``cuda``), TVM's dlight GEMV schedule of the same
+  unscheduled definition (``dlight``), and torch's fp16 linear (``torch_fp16``).  GBps counts the bytes
+  the kernel must move: packed codes + fp16 scales + fp16 zeros + float32 x, and float32 y (fp16 W, x,
+  y for torch).  Each timing replays a CUDA graph of launches over enough copies of the weights to
+  exceed the L2 cache (so the weights come from DRAM), and reports the median over replays;
+- every kernel's output against a float64 numpy reference of the stored weights (and odd shapes,
+  batch 3, group 32 for our kernel);
+- the CUDA artifacts (``qcompile --target cuda``) against the x86 build of the same model and against
+  onnxruntime on the artifact's decoded weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger("gpu_check")
+
+BITS = (2, 3, 4, 5, 6, 8)
+GROUP = 128
+SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
+ODD = ((100, 96, 32, 3), (24, 352, 32, 5))  # (N, K, group, M): guards, a chunk spanning two groups, M > 1
+L2_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
+MODELS = ("mlp", "convnet")
+MODEL_BPW = (4.25, 3.0)
+BATCHES = (1, 3, 8)
+
+
+# ------------------------------------------------------------------------------------------------ build
+
+
+def _kernel_name(kind: str, bits: int, n: int, k: int, g: int = GROUP) -> str:
+    return f"{kind}_b{bits}_n{n}_k{k}_g{g}"
+
+
+def build(out: Path) -> None:
+    """Kernels (one module.so), CUDA and x86 artifacts of the test models, and their CPU references."""
+    import tvm  # noqa: PLC0415
+    from tvm.s_tir import dlight as dl  # noqa: PLC0415
+
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+    from qcompile.targets.cuda import build as cuda_build  # noqa: PLC0415
+    from qcompile.targets.cuda import kernels  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    funcs = {}
+    for bits in BITS:
+        fmt = WeightFormat(bits, GROUP)
+        for n, k in SHAPES:
+            funcs[_kernel_name("cuda", bits, n, k)] = kernels.gemv(fmt, k, n)
+            # dlight's GEMV rule wants a static M = 1
+            funcs[_kernel_name("dlight", bits, n, k)] = kernels.dequant_matmul(fmt, k, n, rows=1)
+        for n, k, g, _ in ODD:
+            funcs[_kernel_name("cuda", bits, n, k, g)] = kernels.gemv(WeightFormat(bits, g), k, n)
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with target:
+        mod = dl.ApplyDefaultSchedule(dl.gpu.GEMV(), dl.gpu.LowBatchGEMV(), dl.gpu.Reduction(),
+                                      dl.gpu.Fallback())(mod)
+    cuda_build.ensure_cuda_codegen()
+    sink = cuda_build.BuiltSources()
+    t0 = time.perf_counter()
+    with cuda_build._nvcc_callback("90", sink), target:  # noqa: SLF001
+        lib = tvm.compile(mod, target=target)
+    lib.export_library(str(out / "kernels.so"))
+    log.info("kernels.so: %d functions in %.1f s", len(funcs), time.perf_counter() - t0)
+    _build_models(out)
+
+
+def _decoded(artifact: Path) -> dict[str, np.ndarray]:
+    """name -> dequantized [N, K] float32 of an artifact in the canonical packing (CUDA)."""
+    from safetensors.numpy import load_file  # noqa: PLC0415
+
+    from qcompile.passes.formats import PRESETS  # noqa: PLC0415
+
+    manifest = json.loads((artifact / "manifest.json").read_text())
+    params = load_file(str(artifact / "params.safetensors"))
+    out = {}
+    for t in manifest["tensors"]:
+        fmt = PRESETS[t["format"]]
+        n, k = t["shape"]
+        planes = [params[p] for p in t["params"] if ".q" in p.rsplit("/", 1)[-1]]
+        codes = fmt.unpack(planes, (n, k)).astype(np.float32)
+        s = np.repeat(params[f"{t['name']}.scales"].astype(np.float32), fmt.group_size, 1)
+        z = np.repeat(params[f"{t['name']}.zeros"].astype(np.float32), fmt.group_size, 1)
+        out[t["name"]] = codes * s + z
+    return out
+
+
+def _build_models(out: Path) -> None:
+    import onnxruntime as ort  # noqa: PLC0415
+    from onnx import numpy_helper  # noqa: PLC0415
+
+    import qcompile.runtime as rt  # noqa: PLC0415
+    from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
+    from tests.helpers import convnet_model, mlp_model, save  # noqa: PLC0415
+
+    makers = {"mlp": (mlp_model, (256,)), "convnet": (convnet_model, (16, 20, 20))}
+    refs = {}
+    for name in MODELS:
+        make, shape = makers[name]
+        model = make()
+        path = save(model, out / f"{name}.onnx")
+        for bpw in MODEL_BPW:
+            tag = f"{name}_{bpw}"
+            cuda = compile_model(path, out / f"{tag}.cuda.qcm", CompileOptions(target="cuda", bpw=bpw))
+            x86 = compile_model(path, out / f"{tag}.x86.qcm", CompileOptions(target="x86", bpw=bpw, int8_dot=False))
+            x86_sess = rt.load(x86.path)
+            decoded = _decoded(cuda.path)
+            fake = type(model).FromString(model.SerializeToString())
+            layouts = {t["name"]: (t["onnx_layout"], t["onnx_shape"]) for t in cuda.manifest["tensors"]}
+            for init in fake.graph.initializer:
+                if init.name in decoded:
+                    layout, oshape = layouts[init.name]
+                    w = decoded[init.name]
+                    arr = {"conv": lambda: w.reshape(oshape), "NK": lambda: w, "KN": lambda: w.T}[layout]()  # noqa: B023
+                    init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
+            sess = ort.InferenceSession(fake.SerializeToString(), providers=["CPUExecutionProvider"])
+            for b in BATCHES:
+                x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
+                refs[f"{tag}/b{b}/x"] = x
+                refs[f"{tag}/b{b}/x86"] = x86_sess.run(None, {"x": x})[0]
+                refs[f"{tag}/b{b}/ort"] = sess.run(None, {"x": x})[0]
+            log.info("%s: cuda %s, formats %s", tag, cuda.manifest["kernels"]["quantized_matmuls"],
+                     sorted({t["format"] for t in cuda.manifest["tensors"]}))
+    np.savez(out / "model_refs.npz", **refs)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def _rel(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _gemv_bytes(bits: int, n: int, k: int, g: int, m: int = 1) -> int:
+    return n * k * bits // 8 + 2 * 2 * n * (k // g) + 4 * m * k + 4 * m * n
+
+
+class _Timer:
+    """Median time of one launch: a CUDA graph of launches over ``copies`` argument sets, replayed."""
+
+    def __init__(self, torch, tvm_ffi):
+        self.torch, self.tvm_ffi = torch, tvm_ffi
+        self.eager = False  # set when a capture failed and launches were timed eagerly (launch-bound)
+
+    def time(self, launch, copies: int, replays: int = 20) -> float:
+        try:
+            return self._graph_time(launch, copies, replays)
+        except Exception as e:  # noqa: BLE001  (a launch that cannot be captured: time it eagerly)
+            log.warning("CUDA graph capture failed (%s): timing eager launches", e)
+            self.eager = True
+            return self._eager_time(launch, copies, replays)
+
+    def _eager_time(self, launch, copies: int, replays: int) -> float:
+        torch = self.torch
+        times = []
+        for _ in range(replays):
+            torch.cuda.synchronize()
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            for c in range(copies):
+                launch(c)
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e3 / copies)
+        return float(np.median(times))
+
+    def _graph_time(self, launch, copies: int, replays: int) -> float:
+        torch = self.torch
+        for c in range(copies):  # warm up (module load, first-launch attributes) outside the capture
+            launch(c)
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with self.tvm_ffi.use_torch_stream(torch.cuda.graph(graph)):  # TVM launches go to the capture stream
+            for c in range(copies):
+                launch(c)
+        torch.cuda.synchronize()
+        graph.replay()
+        torch.cuda.synchronize()
+        times = []
+        for _ in range(replays):
+            start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            graph.replay()
+            stop.record()
+            stop.synchronize()
+            times.append(start.elapsed_time(stop) * 1e3 / copies)  # us per launch
+        return float(np.median(times))
+
+
+def _copy_bandwidth(torch) -> float:
+    a = torch.empty(1 << 28, dtype=torch.float32, device="cuda").uniform_()
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(20):
+        start, stop = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        b.copy_(a)
+        stop.record()
+        stop.synchronize()
+        times.append(start.elapsed_time(stop) * 1e-3)
+    return 2 * a.numel() * 4 / float(np.median(times)) / 1e9
+
+
+def _random_weight(rng, fmt, n: int, k: int):
+    """Random packed planes (every bit pattern is a valid code), fp16 scales and zeros, and W in float64."""
+    planes = [rng.integers(0, 2**32, size=(n, k * pb // 32), dtype=np.uint32) for pb in fmt.planes]
+    s = (rng.random((n, k // fmt.group_size)) * 0.02 + 0.005).astype(np.float16)
+    z = (-rng.random((n, k // fmt.group_size)) * 0.05).astype(np.float16)
+    return planes, s, z
+
+
+def _reference(fmt, planes, s, z, x) -> np.ndarray:
+    n = planes[0].shape[0]
+    k = planes[0].shape[1] * 32 // fmt.planes[0]
+    codes = fmt.unpack(planes, (n, k)).astype(np.float32)
+    g = fmt.group_size
+    w = (codes.reshape(n, k // g, g) * s.astype(np.float32)[..., None] + z.astype(np.float32)[..., None])
+    return x.astype(np.float64) @ w.reshape(n, k).astype(np.float64).T
+
+
+def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None:
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+
+    rng = np.random.default_rng(0)
+    dev = torch.device("cuda")
+
+    def call(fname, x_t, planes_t, s_t, z_t, y_t):
+        f = lib[fname]
+        w1 = planes_t[1] if len(planes_t) > 1 else planes_t[0]
+        args = [tvm_ffi.from_dlpack(t) for t in (x_t, planes_t[0], w1, s_t, z_t, y_t)]
+        return lambda: f(*args)
+
+    # correctness on odd shapes (guards, groups of 32 spanning chunks, batch > 1)
+    for bits in BITS:
+        for n, k, g, m in ODD:
+            fmt = WeightFormat(bits, g)
+            planes, s, z = _random_weight(rng, fmt, n, k)
+            x = rng.standard_normal((m, k)).astype(np.float32)
+            ref = _reference(fmt, planes, s, z, x)
+            y_t = torch.full((m, n), float("nan"), device=dev)
+            call(_kernel_name("cuda", bits, n, k, g), torch.from_numpy(x).to(dev),
+                 [torch.from_numpy(p).to(dev) for p in planes],
+                 torch.from_numpy(s).to(dev), torch.from_numpy(z).to(dev), y_t)()
+            torch.cuda.synchronize()
+            err = _rel(y_t.cpu().numpy(), ref)
+            results["checks"].append({"kernel": "cuda", "bits": bits, "N": n, "K": k, "group": g, "M": m, "rel_err": err})
+            if not err < 1e-5:
+                failures.append(f"gemv cuda b{bits} {n}x{k} g{g} M={m}: rel err {err:.3g}")
+
+    for bits in BITS:
+        fmt = WeightFormat(bits, GROUP)
+        for n, k in SHAPES:
+            nbytes = _gemv_bytes(bits, n, k, GROUP)
+            copies = max(2, math.ceil(L2_BYTES / nbytes))
+            planes, s, z = _random_weight(rng, fmt, n, k)
+            x = rng.standard_normal((1, k)).astype(np.float32)
+            ref = _reference(fmt, planes, s, z, x)
+            # copy 0 is the checked one; the others are clones (same bytes at other addresses)
+            x_t = torch.from_numpy(x).to(dev)
+            dev_planes = [torch.from_numpy(p).to(dev) for p in planes]
+            s_t, z_t = torch.from_numpy(s).to(dev), torch.from_numpy(z).to(dev)
+            sets = [(dev_planes, s_t, z_t)] + [([p.clone() for p in dev_planes], s_t.clone(), z_t.clone())
+                                               for _ in range(1, copies)]
+            ys = [torch.empty((1, n), device=dev) for _ in range(copies)]
+            for kind in ("cuda", "dlight"):
+                fname = _kernel_name(kind, bits, n, k)
+                launches = [call(fname, x_t, p, s_c, z_c, ys[c]) for c, (p, s_c, z_c) in enumerate(sets)]
+                ys[0].fill_(float("nan"))
+                torch.cuda.synchronize()
+                launches[0]()
+                torch.cuda.synchronize()
+                err = _rel(ys[0].cpu().numpy(), ref)
+                results["checks"].append({"kernel": kind, "bits": bits, "N": n, "K": k, "group": GROUP, "M": 1,
+                                          "rel_err": err})
+                if not err < 1e-5:
+                    failures.append(f"gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
+                us = timer.time(lambda c: launches[c](), copies)  # noqa: B023
+                results["gemv"].append({"target": "cuda" if kind == "cuda" else "cuda_dlight", "bits": bits,
+                                        "N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3})
+                log.info("gemv %-6s b%d %5dx%-5d %8.2f us %7.0f GB/s  err %.2g", kind, bits, n, k, us,
+                         nbytes / us / 1e3, err)
+            del sets, dev_planes, ys
+            torch.cuda.empty_cache()
+
+    for n, k in SHAPES:  # torch fp16 linear, the peer
+        nbytes = 2 * (n * k + k + n)
+        copies = max(2, math.ceil(L2_BYTES / nbytes))
+        ws = [torch.randn((n, k), device=dev, dtype=torch.float16) for _ in range(copies)]
+        x_t = torch.randn((1, k), device=dev, dtype=torch.float16)
+        outs = [torch.empty((1, n), device=dev, dtype=torch.float16) for _ in range(copies)]
+        us = timer.time(lambda c: torch.matmul(x_t, ws[c].t(), out=outs[c]), copies)  # noqa: B023
+        results["gemv"].append({"target": "torch_fp16", "bits": 16, "N": n, "K": k, "us": us,
+                                "GBps": nbytes / us / 1e3})
+        log.info("gemv torch   fp16 %5dx%-5d %8.2f us %7.0f GB/s", n, k, us, nbytes / us / 1e3)
+        del ws, outs
+        torch.cuda.empty_cache()
+
+
+def _run_models(root: Path, results: dict, failures: list) -> None:
+    import qcompile.runtime as rt  # noqa: PLC0415
+
+    refs = np.load(root / "model_refs.npz")
+    for name in MODELS:
+        for bpw in MODEL_BPW:
+            tag = f"{name}_{bpw}"
+            sess = rt.load(root / f"{tag}.cuda.qcm")
+            for b in BATCHES:
+                x = refs[f"{tag}/b{b}/x"]
+                y = sess.run(None, {"x": x})[0]
+                e_x86 = _rel(y, refs[f"{tag}/b{b}/x86"].astype(np.float64))
+                e_ort = _rel(y, refs[f"{tag}/b{b}/ort"].astype(np.float64))
+                results["models"].append({"model": name, "bpw": bpw, "batch": b, "rel_err_vs_x86": e_x86,
+                                          "rel_err_vs_ort_decoded": e_ort})
+                log.info("model %-8s %.2f bpw batch %d: rel err vs x86 %.2g, vs ORT(decoded) %.2g", name, bpw, b,
+                         e_x86, e_ort)
+                if not (e_x86 < 1e-4 and e_ort < 1e-4):
+                    failures.append(f"model {tag} batch {b}: rel err vs x86 {e_x86:.3g}, vs ORT {e_ort:.3g}")
+
+
+def run(root: Path, json_paths: list[Path]) -> int:
+    import torch  # noqa: PLC0415
+
+    import qcompile.runtime  # noqa: F401, PLC0415  (TVM imported runtime-only, CUDA runtime loaded below)
+    from qcompile.runtime.session import _import_tvm_runtime, _load_cuda_runtime  # noqa: PLC0415
+
+    tvm, _ = _import_tvm_runtime()
+    _load_cuda_runtime(tvm)
+    import tvm_ffi  # noqa: PLC0415
+
+    results = {"device": torch.cuda.get_device_name(0), "copy_GBps": 0.0, "gemv": [], "gemm": [], "decode": [],
+               "checks": [], "models": [], "notes": []}
+    failures: list[str] = []
+    results["copy_GBps"] = _copy_bandwidth(torch)
+    log.info("device %s: copy %.0f GB/s", results["device"], results["copy_GBps"])
+    try:
+        _run_models(root, results, failures)
+    except Exception as e:  # noqa: BLE001  (still measure the kernels)
+        log.exception("models")
+        failures.append(f"models: {type(e).__name__}: {e}")
+    lib = tvm.runtime.load_module(str(root / "kernels.so"))
+    timer = _Timer(torch, tvm_ffi)
+    _run_gemv(lib, torch, tvm_ffi, timer, results, failures)
+    results["notes"].append("timings: " + ("eager launches (CUDA graph capture failed)" if timer.eager else
+                                           "CUDA graph replays of launches over L2-exceeding weight copies"))
+    results["failures"] = failures
+    for p in json_paths:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(json.dumps(results, indent=1) + "\n")
+    _summary(results)
+    return 1 if failures else 0
+
+
+def _summary(results: dict) -> None:
+    print(f"device {results['device']}  copy {results['copy_GBps']:.0f} GB/s")
+    rows: dict[tuple, dict] = {}
+    for r in results["gemv"]:
+        rows.setdefault((r["N"], r["K"]), {})[(r["target"], r["bits"])] = r
+    for (n, k), d in rows.items():
+        line = [f"{n}x{k}"]
+        for (t, b), r in sorted(d.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            line.append(f"{t}:{b} {r['us']:.1f}us {r['GBps']:.0f}")
+        print("  ".join(line))
+    for m in results["models"]:
+        print(f"model {m['model']} {m['bpw']} b{m['batch']}: vs x86 {m['rel_err_vs_x86']:.2g} "
+              f"vs ORT {m['rel_err_vs_ort_decoded']:.2g}")
+    worst = max((c["rel_err"] for c in results["checks"]), default=float("nan"))
+    print(f"{len(results['checks'])} kernel checks, worst rel err {worst:.2g}; failures: {results['failures'] or 'none'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=("build", "run"))
+    ap.add_argument("--dir", type=Path, default=Path(".gpu/build"))
+    ap.add_argument("--json", type=Path, action="append", default=None,
+                    help="where run writes its results (repeatable; default bench/results/gpu.json)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.step == "build":
+        build(args.dir)
+        return 0
+    return run(args.dir, args.json or [Path("bench/results/gpu.json")])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""Lower qcompile's quantized ONNX IR to a Relax module for NVIDIA GPUs.
+
+The converters are the x86 target's (:mod:`qcompile.targets.x86.lower`): standard ops through TVM's
+``from_onnx`` (dlight schedules them at build), ``qcompile::QMatMul`` / ``QConv`` as ``call_tir`` of
+:func:`.kernels.gemv` (hand-scheduled; batch 1-8 at full speed, correct for any M) or, with
+``scheduled=False``, of the unscheduled :func:`.kernels.dequant_matmul` that dlight schedules (any GPU
+target: the WebGPU target lowers through the same definition).  Packed weights keep the canonical
+packing of :mod:`qcompile.passes.formats`; they and the large float initializers become parameters of
+``main`` (after the model's inputs), passed as one tuple like the CPU targets'.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from qcompile.passes import qops
+from qcompile.passes.formats import WeightFormat
+
+from ..x86 import lower as x86_lower
+from . import kernels
+
+__all__ = ["lower_to_relax", "GpuEmitter"]
+
+log = logging.getLogger(__name__)
+
+
+class GpuEmitter:
+    """Kernel emitter for the x86 converters with GPU kernels (canonical packing, no retiling)."""
+
+    def __init__(self, scheduled: bool = True):
+        self.scheduled = scheduled
+        self.cache: dict[tuple, object] = {}
+        self.counts: dict[str, int] = {}
+
+    def kernel(self, bb, key: tuple, make):
+        if key[0] == "im2col":  # the x86 im2col carries a CPU schedule: dlight schedules this one
+            make = lambda: kernels.im2col(*key[1:4], key[4:6], key[6:8], key[8:12], key[12:14])  # noqa: E731
+        elif key[0] not in ("qmatmul", "gemv"):
+            raise NotImplementedError(f"the CUDA target has no kernel for {key[0]} (compile with --no-fuse)")
+        if key not in self.cache:
+            self.cache[key] = bb.add_func(make(), "_".join(str(p) for p in key))
+        return self.cache[key]
+
+    def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
+        from tvm import relax  # noqa: PLC0415
+
+        if self.scheduled:
+            kind, gv = "gemv", self.kernel(bb, ("gemv", fmt.name, k, n), lambda: kernels.gemv(fmt, k, n))
+        else:
+            kind = "dequant_matmul"
+            gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        w0 = planes[0]
+        w1 = planes[1] if planes[1] is not None else w0
+        return bb.emit(relax.call_tir(gv, [x2, w0, w1, s, z], relax.TensorType([m, n], "float32")))
+
+
+def _split_params(model: onnx.ModelProto):
+    """Move packed and large float initializers to graph inputs (canonical packing, no retiling)."""
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    graph = model.graph
+    packed = {name for node in graph.node if node.domain == qops.DOMAIN for name in node.input[1:5] if name}
+    names, params, keep = [], {}, []
+    for init in graph.initializer:
+        big_float = init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
+            int(np.prod(init.dims)) >= x86_lower.PARAM_MIN_ELEMENTS
+        if init.name not in packed and not big_float:
+            keep.append(init)
+            continue
+        arr = np.ascontiguousarray(numpy_helper.to_array(init))
+        names.append(init.name)
+        params[init.name] = arr
+        graph.input.append(onnx.helper.make_tensor_value_info(
+            init.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    return model, names, params, packed
+
+
+def lower_to_relax(model: onnx.ModelProto, scheduled: bool = True) -> x86_lower.LoweredModel:
+    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., (params...))."""
+    from tvm import relax  # noqa: PLC0415
+    from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
+
+    num_inputs = len(model.graph.input)
+    split, names, params, packed = _split_params(model)
+    emitter = GpuEmitter(scheduled)
+    with x86_lower._our_converters(emitter), warnings.catch_warnings():  # noqa: SLF001
+        warnings.simplefilter("ignore")  # our custom-domain nodes make onnx.checker complain
+        mod = from_onnx(split, keep_params_in_input=False)
+    mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+    mod = relax.transform.RemoveRedundantReshape()(mod)
+    mod = relax.transform.DeadCodeElimination()(mod)
+    mod = relax.transform.BundleModelParams("params")(mod)  # one tuple argument (manifest params_as_tuple)
+    layouts = {name: "canonical" for name in names if name in packed}
+    log.info("lowered to Relax for CUDA: %d functions, %d params; quantized matmul kernels %s",
+             len(mod.functions), len(names), emitter.counts)
+    return x86_lower.LoweredModel(mod, names, params, num_inputs, dict(emitter.counts), layouts)
