@@ -366,10 +366,65 @@ class Session:
             raise QCompileError(f"{self.path}: no outputs named {unknown}; outputs are {list(results)}")
         return [results[n] for n in output_names]
 
+    def time_calls(self, feeds: dict, reps: int = 100, copies: int = 1, rounds: int = 5) -> float:
+        """Median seconds of one pass over the plan's calls on the device (no uploads or downloads).
+
+        Each round records ``reps`` passes in one command buffer; pass ``i`` binds copy ``i % copies``
+        of the parameters (``copies`` > 1 keeps the weights from coming out of a cache).  For
+        benchmarks (``bench/gpu/vulkan_gemv.py``); the outputs of the last pass are those of ``run``.
+        """
+        import time  # noqa: PLC0415
+
+        import wgpu  # noqa: PLC0415
+
+        arrays, env = self._bind(feeds)
+        prog = self._program(env)
+        for buf, a in zip(prog.inputs, arrays):
+            if a.nbytes:
+                self.device.queue.write_buffer(buf, 0, _padded(a))
+        variants = [prog.bind_groups] + [self._rebind(prog, self._copy_fixed()) for _ in range(copies - 1)]
+        src, offset, _size, read, *_ = prog.outputs[0]
+        times = []
+        for _ in range(rounds + 1):  # the first round warms up
+            encoder = self.device.create_command_encoder()
+            for i in range(reps):
+                self._encode(encoder, prog, variants[i % copies])
+            encoder.copy_buffer_to_buffer(src, offset, read, 0, 4)  # mapping it waits for the passes
+            t0 = time.perf_counter()
+            self.device.queue.submit([encoder.finish()])
+            read.map_sync(wgpu.MapMode.READ)
+            times.append((time.perf_counter() - t0) / reps)
+            read.unmap()
+        return float(np.median(times[1:]))
+
+    def _copy_fixed(self) -> dict:
+        encoder = self.device.create_command_encoder()
+        out = {}
+        for name, buf in self.fixed.items():
+            out[name] = self.device.create_buffer(size=buf.size, usage=_STORAGE_USAGE())
+            encoder.copy_buffer_to_buffer(buf, 0, out[name], 0, buf.size)
+        self.device.queue.submit([encoder.finish()])
+        return out
+
+    def _rebind(self, prog: _Program, fixed: dict) -> list:
+        """``prog``'s bind groups with the parameter buffers replaced by ``fixed``."""
+        swap = {id(self.fixed[n]): fixed[n] for n in fixed}
+        out = []
+        for (pipeline, _group, grid), (_, kernel, entries, pod_offset, _) in zip(prog.bind_groups, prog.dispatches):
+            entries = [dict(e, resource=dict(e["resource"], buffer=swap.get(id(e["resource"]["buffer"]),
+                                                                           e["resource"]["buffer"])))
+                       for e in entries]
+            if kernel["pod"]:
+                entries.append({"binding": len(entries), "resource": {
+                    "buffer": prog.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}})
+            out.append((pipeline, self.device.create_bind_group(layout=self.layouts[kernel["name"]],
+                                                                entries=entries), grid))
+        return out
+
     @staticmethod
-    def _encode(encoder, prog: _Program) -> None:
+    def _encode(encoder, prog: _Program, bind_groups=None) -> None:
         cpass = encoder.begin_compute_pass()
-        for pipeline, group, (x, y, z) in prog.bind_groups:
+        for pipeline, group, (x, y, z) in bind_groups or prog.bind_groups:
             cpass.set_pipeline(pipeline)
             cpass.set_bind_group(0, group)
             cpass.dispatch_workgroups(x, y, z)

@@ -27,8 +27,9 @@ def reference_matmul(x: np.ndarray, w_deq: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) @ w_deq.T
 
 
-def dequant_matmul(fmt: WeightFormat, k: int, n: int):
-    """Unscheduled TIR (from TE) ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` for a symbolic M.
+def dequant_matmul(fmt: WeightFormat, k: int, n: int, m: int | None = None):
+    """Unscheduled TIR (from TE) ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` for M = ``m``, or a
+    symbolic M when ``m`` is None (a static M = 1 gets dlight's GEMV schedule, a symbolic one its matmul).
 
     Arguments: x (float32 [M, K]), planes (uint32 [N, K*pb/32] each; a 1-plane format passes its plane
     twice), scales, zeros (float16 [N, K/g]), y (float32 [M, N]).
@@ -42,7 +43,7 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int):
     if k % g or k % 32:
         raise ValueError(f"dequant_matmul: K={k} must divide by the group {g} and by 32")
     i64 = lambda v: tirx.const(v, "int64")  # noqa: E731  (one index type: dlight's layout maps require it)
-    m = tirx.Var("m", "int64")
+    m = tirx.Var("m", "int64") if m is None else i64(m)
     x = te.placeholder((m, i64(k)), "float32", name="x")
     p0, p1 = planes[0], planes[-1]
     w0 = te.placeholder((i64(n), i64(k * p0 // 32)), "uint32", name="w0")

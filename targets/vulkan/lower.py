@@ -46,7 +46,9 @@ class _GpuEmitter:
     def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
         from tvm import relax  # noqa: PLC0415
 
-        gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+        static_m = int(m) if isinstance(m, int) or type(m).__name__ == "IntImm" else None
+        key = ("qmatmul", fmt.name, k, n) + ((f"m{static_m}",) if static_m is not None else ())
+        gv = self.kernel(bb, key, lambda: kernels.dequant_matmul(fmt, k, n, static_m))
         self.counts["dequant_matmul"] = self.counts.get("dequant_matmul", 0) + 1
         w0 = planes[0]
         w1 = planes[1] if planes[1] is not None else w0
