@@ -4,6 +4,7 @@
     qcompile info OUT.qcm [--json]
     qcompile run OUT.qcm --input NAME=FILE.npy ... [-o DIR]
     qcompile report OUT.qcm [--html FILE]
+    qcompile tune MODEL.onnx --target x86 [--trials N] [--db DIR] [--tracker HOST:PORT --key KEY]
 
 Exit status: 0 success, 2 bad input (model, flag, artifact) with a one-paragraph message, 1 internal error.
 """
@@ -21,7 +22,7 @@ from qcompile.runtime.errors import QCompileError
 __all__ = ["main"]
 
 EXIT_OK, EXIT_INTERNAL, EXIT_USAGE = 0, 1, 2
-SUBCOMMANDS = ("compile", "info", "run", "report")
+SUBCOMMANDS = ("compile", "info", "run", "report", "tune")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +100,8 @@ def _parser() -> argparse.ArgumentParser:
                         "where the CPU has them, e.g. AVX2)")
     c.add_argument("--no-fuse", action="store_true",
                    help="no decoder fusions (RMSNorm, rotary, gated MLP, attention): lower the graph as quantized")
+    c.add_argument("--db", default=None, metavar="DIR",
+                   help="tuning records from `qcompile tune --db DIR`: tuned kernels keep their tuned schedule")
     c.add_argument("--no-progress", action="store_true", help="no progress bars")
     i = sub.add_parser("info", parents=[common], help="describe an artifact")
     i.add_argument("artifact")
@@ -110,7 +113,63 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", parents=[common], help="bits and error per layer, as a table and an HTML page")
     rp.add_argument("artifact")
     rp.add_argument("--html", default=None, help="write the HTML report here (default: ARTIFACT.report.html)")
+    t = sub.add_parser("tune", parents=[common], help="tune the model's kernels (MetaSchedule) into a database")
+    t.add_argument("model", help="float ONNX model (quantized and lowered as `qcompile compile` would)")
+    t.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM llvm target JSON")
+    t.add_argument("--bpw", type=_bpw, default=4.25, help="bits per weight, as for compile (default 4.25)")
+    t.add_argument("--float", action="store_true", help="keep float weights (same as --bpw 16)")
+    t.add_argument("--trials", type=int, default=32, help="schedules measured per kernel (default 32)")
+    t.add_argument("--db", default=str(_default_db()), metavar="DIR",
+                   help="tuning database (default: $QCOMPILE_CACHE/tuning or ~/.cache/qcompile/tuning); "
+                        "kernels it already holds are not tuned again")
+    t.add_argument("--tracker", default=None, metavar="HOST:PORT",
+                   help="measure on the devices registered with this TVM RPC tracker (python -m tvm.exec.rpc_tracker)")
+    t.add_argument("--key", default=None, help="with --tracker: the devices' key (rpc_server --key)")
+    t.add_argument("--no-model-timing", action="store_true",
+                   help="skip compiling and timing the whole model without and with the tuned schedules")
+    t.add_argument("--no-int8-dot", action="store_true", help="as for compile")
+    t.add_argument("--no-fuse", action="store_true", help="as for compile")
+    t.add_argument("--workdir", default=None, help="as for compile")
     return p
+
+
+def _default_db() -> Path:
+    import os  # noqa: PLC0415
+
+    return Path(os.environ.get("QCOMPILE_CACHE") or Path.home() / ".cache" / "qcompile") / "tuning"
+
+
+def _cmd_tune(args, console) -> int:
+    from qcompile.compiler.driver import CompileOptions  # noqa: PLC0415
+    from qcompile.compiler.tune import tune_model  # noqa: PLC0415
+
+    opts = CompileOptions(target=args.target, bpw=16.0 if args.float else args.bpw, workdir=args.workdir,
+                          fuse=not args.no_fuse, int8_dot=not args.no_int8_dot)
+    Path(args.db).mkdir(parents=True, exist_ok=True)
+    report = tune_model(args.model, opts, args.db, args.trials, tracker=args.tracker, key=args.key,
+                        time_model=not args.no_model_timing)
+    res = report.result
+    console.print(f"{len(res.tuned)} kernels tuned ({args.trials} trials each) in {report.seconds:.1f} s, "
+                  f"{len(res.reused)} already in {res.db_dir}, {len(res.failed)} without a valid measurement; "
+                  f"{len(res.skipped)} not tunable", highlight=False)
+    for name, why in sorted(res.skipped.items()):
+        console.print(f"  not tuned: {name} ({why})", highlight=False)
+    from rich.table import Table  # noqa: PLC0415
+
+    table = Table("kernel", "calls", "default ms", "tuned ms", "speedup")
+    for k in report.kernels:
+        table.add_row(k.name, str(k.weight), _ms(k.default_s), _ms(k.tuned_s),
+                      f"{k.speedup:.2f}x" if k.speedup else "-")
+    console.print(table)
+    if report.model_speedup:
+        console.print(f"whole model: {report.model_default_ms:.3f} ms default, {report.model_tuned_ms:.3f} ms tuned "
+                      f"({report.model_speedup:.2f}x); compile with --db {args.db} to use the records",
+                      highlight=False)
+    return EXIT_OK
+
+
+def _ms(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e3:.4f}"
 
 
 def _cmd_compile(args, console) -> int:
@@ -123,7 +182,7 @@ def _cmd_compile(args, console) -> int:
                           calib_seq_len=args.seq_len, gptq=not args.no_gptq, awq="off" if args.no_awq else args.awq,
                           salient=not args.no_salient, sensitivity=not args.no_sensitivity, sensitivity_samples=args.sensitivity_samples,
                           workdir=args.workdir, fuse=not args.no_fuse,
-                          int8_dot=not args.no_int8_dot)
+                          int8_dot=not args.no_int8_dot, tuning_db=args.db)
     if args.min_weights is not None:
         opts.min_weights = args.min_weights
     out = Path(args.output)
@@ -226,7 +285,8 @@ def main(argv: list[str] | None = None) -> int:
     from rich.console import Console  # noqa: PLC0415
 
     console = Console()
-    handler = {"compile": _cmd_compile, "info": _cmd_info, "run": _cmd_run, "report": _cmd_report}[args.command]
+    handler = {"compile": _cmd_compile, "info": _cmd_info, "run": _cmd_run, "report": _cmd_report,
+               "tune": _cmd_tune}[args.command]
     try:
         return handler(args, console)
     except QCompileError as e:

@@ -43,7 +43,8 @@ from .frontends.tokenizer import source_tokenizer
 from .manifest_build import build_manifest
 from .report_html import html_report
 
-__all__ = ["CompileOptions", "CompileResult", "Quantized", "compile_model", "quantize_model", "FLOAT_BPW"]
+__all__ = ["CompileOptions", "CompileResult", "Quantized", "compile_model", "quantize_model", "lower_model",
+           "FLOAT_BPW"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,7 @@ class CompileOptions:
     workdir: str | Path | None = None  # stats and measurements, reused across runs
     fuse: bool = True  # decoder fusions before lowering (passes/fuse_*.py); False: the graph as quantized
     int8_dot: bool = True  # int8-activation dot-product kernels where the target CPU has them (x86: AVX2)
+    tuning_db: str | Path | None = None  # `qcompile tune --db` folder: tuned schedules applied at build (x86)
 
 
 @dataclass
@@ -450,16 +452,9 @@ def quantize_model(model_path: str | Path, opts: CompileOptions, progress: Progr
                      seconds, run.tokenizer(), None if opts.calib is None or float_weights else Path(opts.calib).name)
 
 
-def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
-                  progress: Progress | None = None) -> CompileResult:
-    """The whole compile: :func:`quantize_model`, then lower, build and write the artifact."""
-    from qcompile.targets import BackendOptions, make_backend, resolve_target  # noqa: PLC0415
-
-    spec = resolve_target(opts.target)
-    q = quantize_model(model_path, opts, progress)
-    seconds = dict(q.seconds)
-    t0 = time.perf_counter()
-    backend = make_backend(spec, BackendOptions(int8_dot=opts.int8_dot))
+def lower_model(q: Quantized, backend, opts: CompileOptions):
+    """Fuse and lower a quantized model for ``backend``: (the backend's LoweredModel, the model whose
+    inputs and outputs the artifact has, the fusion counts, the KV cache or None)."""
     qproto, interface, cache = q.qproto, q.proto, None
     fusion: dict = {"enabled": opts.fuse}
     if opts.fuse and backend.decoder_fusion:
@@ -471,7 +466,21 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
         fusion |= {"attention": attn.attention, "kv_cache": cache is not None}
         if cache is not None:  # the model's inputs and outputs changed: the manifest shows the new ones
             interface = qproto
-    lowered = backend.lower(qproto)
+    return backend.lower(qproto), interface, fusion, cache
+
+
+def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
+                  progress: Progress | None = None) -> CompileResult:
+    """The whole compile: :func:`quantize_model`, then lower, build and write the artifact."""
+    from qcompile.targets import BackendOptions, make_backend, resolve_target  # noqa: PLC0415
+
+    spec = resolve_target(opts.target)
+    q = quantize_model(model_path, opts, progress)
+    seconds = dict(q.seconds)
+    t0 = time.perf_counter()
+    backend = make_backend(spec, BackendOptions(int8_dot=opts.int8_dot,
+                                                tuning_db=None if opts.tuning_db is None else str(opts.tuning_db)))
+    lowered, interface, fusion, cache = lower_model(q, backend, opts)
     seconds["lower"] = time.perf_counter() - t0
 
     manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,
@@ -489,8 +498,15 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     t0 = time.perf_counter()
     if progress:
         progress("build", 0, 1)
-    path = write_artifact(out, manifest, lowered.params, lambda p: backend.build(lowered.mod, p),
-                          extra=extra)
+
+    def build(path: str):
+        built = backend.build(lowered.mod, path)
+        if opts.tuning_db is not None:  # the manifest is written after the build
+            manifest["tuning"] = {"db": str(opts.tuning_db),
+                                  "tuned_functions": list(getattr(backend, "tuned_functions", None) or [])}
+        return built
+
+    path = write_artifact(out, manifest, lowered.params, build, extra=extra)
     if progress:
         progress("build", 1, 1)
     seconds["build"] = time.perf_counter() - t0

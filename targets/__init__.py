@@ -30,6 +30,7 @@ class BackendOptions:
     """Compile options a backend may honour (the others ignore them)."""
 
     int8_dot: bool = True  # int8-activation dot-product kernels where the target has them
+    tuning_db: str | None = None  # `qcompile tune --db` folder: tuned schedules applied at build (x86)
 
 
 def _family_module(family: str):

@@ -62,7 +62,7 @@ def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
 
 
 def make_backend(spec: TargetSpec, options) -> "X86Target":
-    return X86Target(spec, int8_dot=options.int8_dot)
+    return X86Target(spec, int8_dot=options.int8_dot, tuning_db=options.tuning_db)
 
 
 class X86Target:
@@ -74,8 +74,12 @@ class X86Target:
     decoder_fusion = True  # lowers qcompile::RMSNorm, AddRMSNorm, Rotary, GatedAct (passes/fuse_decoder.py)
     attention_fusion = True  # lowers qcompile::CausalAttention and CacheUpdate (passes/fuse_attention.py)
 
-    def __init__(self, spec: TargetSpec, int8_dot: bool = True):
+    tunable = True  # MetaSchedule tunes the legalized ops (qcompile tune; targets/tuning.py)
+
+    def __init__(self, spec: TargetSpec, int8_dot: bool = True, tuning_db=None):
         self.spec = spec
+        self.tuning_db = tuning_db  # a `qcompile tune --db` folder whose records the build applies
+        self.tuned_functions: list[str] | None = None  # set by build() when tuning_db is given
         # int8 dot-product kernels (vpmaddubsw) where the CPU has AVX2; int8_dot=False keeps float kernels
         self.int8_dot = int8_dot and _has_features(spec.tvm, "avx2")
 
@@ -90,6 +94,38 @@ class X86Target:
         return {"int8_dot": self.int8_dot, "quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts}
 
     def build(self, mod, out_path: str) -> None:
+        """Build ``module.so``; with a tuning database, ``tuned_functions`` names those given a tuned schedule."""
         from .build import build_library  # noqa: PLC0415
 
-        build_library(mod, self.spec.tvm, out_path)
+        self.tuned_functions = build_library(mod, self.spec.tvm, out_path, tuning_db=self.tuning_db)
+
+    def prepare_for_tuning(self, mod, target):
+        """``mod`` after the build's passes up to scheduling: the PrimFuncs MetaSchedule tunes."""
+        import tvm  # noqa: PLC0415
+
+        from .build import pre_schedule_passes  # noqa: PLC0415
+
+        with target:  # on a copy: a pass may edit a module nobody else holds in place
+            return tvm.transform.Sequential(pre_schedule_passes(target))(_copy(mod))
+
+    def default_schedule_of(self, func, target):
+        """The ``s_tir.Schedule`` (with its trace) the default rules give one PrimFunc, or None."""
+        from .schedule import default_rules  # noqa: PLC0415
+
+        for rule in default_rules():
+            space = rule.apply(func, target, False)
+            if space is not None:
+                return space if not isinstance(space, list) else space[0]
+        return None
+
+    def default_schedule(self, mod):
+        """``mod`` (PrimFuncs) with the schedules a build gives functions that have no tuning record."""
+        from .schedule import default_schedule_pass  # noqa: PLC0415
+
+        return default_schedule_pass()(_copy(mod))  # dlight replaces the functions of the module it gets
+
+
+def _copy(mod):
+    import tvm  # noqa: PLC0415
+
+    return tvm.IRModule(dict(mod.functions), attrs=mod.attrs)

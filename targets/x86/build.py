@@ -4,15 +4,27 @@ from __future__ import annotations
 
 import logging
 
-__all__ = ["build_library", "relax_pipeline"]
+__all__ = ["build_library", "relax_pipeline", "pre_schedule_passes"]
 
 log = logging.getLogger(__name__)
 
 
-def relax_pipeline(target):
-    """TVM's CPU pipeline with schedules for the legalized ops between legalization and lowering."""
-    import tvm  # noqa: PLC0415
+def pre_schedule_passes(target) -> list:
+    """The passes before scheduling (legalize, fuse): MetaSchedule's tasks are the PrimFuncs they leave."""
     from tvm import relax  # noqa: PLC0415
+    from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
+
+    return ([relax.transform.DecomposeOpsForInference()]
+            + cpu.library_dispatch_passes(target)
+            + _with_scalar_producers_unfused(cpu.legalize_passes(target)))
+
+
+def relax_pipeline(target, tuned=()):
+    """TVM's CPU pipeline with schedules for the legalized ops between legalization and lowering.
+
+    ``tuned``: passes that give functions a tuned schedule first (:func:`qcompile.targets.tuning.apply_database_pass`).
+    """
+    import tvm  # noqa: PLC0415
     from tvm.relax.backend.cpu_generic import pipeline as cpu  # noqa: PLC0415
 
     from .schedule import default_schedule_pass  # noqa: PLC0415
@@ -21,9 +33,8 @@ def relax_pipeline(target):
     def _pipeline(mod, _ctx):
         with target:
             seq = tvm.transform.Sequential(
-                [relax.transform.DecomposeOpsForInference()]
-                + cpu.library_dispatch_passes(target)
-                + _with_scalar_producers_unfused(cpu.legalize_passes(target))
+                pre_schedule_passes(target)
+                + list(tuned)
                 + [default_schedule_pass()]
                 + cpu.dataflow_lower_passes(target)
                 + cpu.finalize_passes(target)
@@ -64,11 +75,20 @@ def scalar_producers_opaque():
     return _pass
 
 
-def build_library(mod, tvm_target: dict, out_path: str) -> None:
+def build_library(mod, tvm_target: dict, out_path: str, tuning_db=None) -> list[str] | None:
+    """Build and export ``module.so``; with ``tuning_db`` (a ``qcompile tune --db`` folder), the names of
+    the functions that got a tuned schedule from it."""
     import tvm  # noqa: PLC0415
 
     target = tvm.target.Target(tvm_target)
+    tuned, applied = [], None
+    if tuning_db is not None:
+        from ..tuning import AppliedSchedules, apply_database_pass  # noqa: PLC0415
+
+        applied = AppliedSchedules()
+        tuned = [apply_database_pass(tuning_db, tvm_target, applied)]
     with target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, tuned))
     ex.export_library(out_path)
     log.info("built %s for %s", out_path, tvm_target)
+    return None if applied is None else applied.names

@@ -17,7 +17,7 @@ from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import get_extent
 from tvm.target import Target
 
-__all__ = ["ParallelSpatial", "default_schedule_pass"]
+__all__ = ["ParallelSpatial", "default_rules", "default_schedule_pass"]
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,11 @@ class ParallelSpatial(dl.ScheduleRule):
         return True
 
 
-def default_schedule_pass():
+def default_rules() -> list:
     """dlight's CPU rules first, then the spatial fallback."""
-    return dl.ApplyDefaultSchedule(dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelSpatial())
+    return [dl.cpu.GEMV(), dl.cpu.Reduction(), ParallelSpatial()]
+
+
+def default_schedule_pass():
+    """The :func:`default_rules` on every function not yet scheduled."""
+    return dl.ApplyDefaultSchedule(*default_rules())
