@@ -12,7 +12,9 @@ A 32-byte sub-block vector of the dot8 layout (byte ``4*o + j`` = output o, k = 
 ``int8x16`` halves, outputs 0-3 and 4-7; the four activations of the sub-block, broadcast to the four
 lanes, are the other operand.  Weight codes are unsigned but at most ``2^6 - 1 = 63``, so they are valid
 signed bytes; the int32 lanes never overflow (32 * 63 * 127 per block), so unlike ``vpmaddubsw`` there is
-no int16 stage.  Per output (numpy, :func:`reference_int8_matmul`)::
+no int16 stage.  Per output (numpy, :func:`reference_int8_matmul`), with the activations' block scales
+``sx`` and the zero-point sums ``xs[m, gi] = sum_{b in gi} sx[m, b] * sum_{k in b} xq[m, k]`` of the x86
+kernels (the activation step below is theirs, line for line)::
 
     y[m, n] = sum_gi  s[n, gi] * sum_{b in gi} sx[m, b] * sum_{k in b} code[n, k] * xq[m, k]
                     + z[n, gi] * xs[m, gi]
@@ -92,15 +94,18 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
             tot[0] = T.float32(0)
             for bb in range(bpg):
                 amax = T.alloc_buffer((1,), "float32", scope="global")
+                isum = T.alloc_buffer((1,), "int32", scope="global")
                 amax[0] = T.float32(0)
+                isum[0] = 0
                 for kk in range(32):
                     amax[0] = T.max(amax[0], T.fabs(x[r, (gi * bpg + bb) * 32 + kk]))
-                    tot[0] = tot[0] + x[r, (gi * bpg + bb) * 32 + kk]
                 sx[r, gi * bpg + bb] = amax[0] / T.float32(127)
                 for kk in range(32):
                     xq[r, (gi * bpg + bb) * 32 + kk] = T.Cast("int8", T.round(T.if_then_else(
                         amax[0] > T.float32(0),
                         x[r, (gi * bpg + bb) * 32 + kk] * (T.float32(127) / amax[0]), T.float32(0))))
+                    isum[0] = isum[0] + T.Cast("int32", xq[r, (gi * bpg + bb) * 32 + kk])
+                tot[0] = tot[0] + T.Cast("float32", isum[0]) * sx[r, gi * bpg + bb]
             xs[r, gi] = tot[0]
 
     @T.prim_func(private=True)
