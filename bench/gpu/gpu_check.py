@@ -40,6 +40,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP = 128
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
 ODD = ((100, 96, 32, 3), (24, 352, 32, 5))  # (N, K, group, M): guards, a chunk spanning two groups, M > 1
+VARIANTS = ((8, 4, 1, False), (4, 4, 1, False), (16, 4, 1, False), (8, 4, 2, True), (8, 8, 2, True),
+            (4, 8, 4, True))  # GemvConfig(rows, ksplit, groups, smem), timed at
+VARIANT_BITS = (2, 4)  # these widths (the default config is chosen from these timings)
 L2_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
 MODEL_BPW = (4.25, 3.0)
@@ -47,6 +50,11 @@ BATCHES = (1, 3, 8)
 
 
 # ------------------------------------------------------------------------------------------------ build
+
+
+def _variant(v) -> str:
+    rows, ks, groups, smem = v
+    return f"r{rows}k{ks}g{groups}" + ("s" if smem else "")
 
 
 def _kernel_name(kind: str, bits: int, n: int, k: int, g: int = GROUP) -> str:
@@ -72,6 +80,10 @@ def build(out: Path) -> None:
             funcs[_kernel_name("dlight", bits, n, k)] = kernels.dequant_matmul(fmt, k, n, rows=1)
         for n, k, g, _ in ODD:
             funcs[_kernel_name("cuda", bits, n, k, g)] = kernels.gemv(WeightFormat(bits, g), k, n)
+        if bits in VARIANT_BITS:
+            for v in VARIANTS:
+                for n, k in SHAPES:
+                    funcs[_kernel_name(_variant(v), bits, n, k)] = kernels.gemv(fmt, k, n, kernels.GemvConfig(*v))
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
     with target:
@@ -287,7 +299,8 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
             sets = [(dev_planes, s_t, z_t)] + [([p.clone() for p in dev_planes], s_t.clone(), z_t.clone())
                                                for _ in range(1, copies)]
             ys = [torch.empty((1, n), device=dev) for _ in range(copies)]
-            for kind in ("cuda", "dlight"):
+            kinds = ["cuda", "dlight"] + ([_variant(v) for v in VARIANTS] if bits in VARIANT_BITS else [])
+            for kind in kinds:
                 fname = _kernel_name(kind, bits, n, k)
                 launches = [call(fname, x_t, p, s_c, z_c, ys[c]) for c, (p, s_c, z_c) in enumerate(sets)]
                 ys[0].fill_(float("nan"))
@@ -300,8 +313,11 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
                 if not err < 1e-5:
                     failures.append(f"gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
                 us = timer.time(lambda c: launches[c](), copies)  # noqa: B023
-                results["gemv"].append({"target": "cuda" if kind == "cuda" else "cuda_dlight", "bits": bits,
-                                        "N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3})
+                row = {"bits": bits, "N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3}
+                if kind in ("cuda", "dlight"):
+                    results["gemv"].append({"target": "cuda" if kind == "cuda" else "cuda_dlight", **row})
+                else:
+                    results["gemv_variants"].append({"config": kind, **row})
                 log.info("gemv %-6s b%d %5dx%-5d %8.2f us %7.0f GB/s  err %.2g", kind, bits, n, k, us,
                          nbytes / us / 1e3, err)
             del sets, dev_planes, ys
@@ -353,7 +369,7 @@ def run(root: Path, json_paths: list[Path]) -> int:
     import tvm_ffi  # noqa: PLC0415
 
     results = {"device": torch.cuda.get_device_name(0), "copy_GBps": 0.0, "gemv": [], "gemm": [], "decode": [],
-               "checks": [], "models": [], "notes": []}
+               "checks": [], "models": [], "gemv_variants": [], "notes": []}
     failures: list[str] = []
     results["copy_GBps"] = _copy_bandwidth(torch)
     log.info("device %s: copy %.0f GB/s", results["device"], results["copy_GBps"])
@@ -388,6 +404,8 @@ def _summary(results: dict) -> None:
     for m in results["models"]:
         print(f"model {m['model']} {m['bpw']} b{m['batch']}: vs x86 {m['rel_err_vs_x86']:.2g} "
               f"vs ORT {m['rel_err_vs_ort_decoded']:.2g}")
+    for v in results["gemv_variants"]:
+        print(f"variant {v['config']} b{v['bits']} {v['N']}x{v['K']}: {v['us']:.1f}us {v['GBps']:.0f} GB/s")
     worst = max((c["rel_err"] for c in results["checks"]), default=float("nan"))
     print(f"{len(results['checks'])} kernel checks, worst rel err {worst:.2g}; failures: {results['failures'] or 'none'}")
 

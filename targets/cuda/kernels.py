@@ -9,16 +9,20 @@ Two kernels compute ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` (float32 x and
 
 - :func:`dequant_matmul` — the unscheduled definition (a dequantize block feeding a matmul block),
   target-generic: dlight (``s_tir.dlight.gpu``) schedules it for CUDA, WebGPU, ...;
-- :func:`gemv` — a hand-scheduled CUDA kernel for small M (decode): each warp owns ``rows`` output
-  channels, each lane a chunk of ``CT`` consecutive codes (one 16-byte load of the first plane) per step,
-  the group's integer codes are accumulated against x and scaled once per group::
+- :func:`gemv` — a hand-scheduled CUDA kernel for small M (decode).  A block owns ``rows`` output
+  channels at a time (``groups`` such row groups in turn); its ``ksplit`` warps split K, each lane takes
+  a chunk of ``CT`` consecutive codes per step (one 16-byte load of the first plane per row; x from
+  registers, reused by the rows, staged once per block in shared memory for large K or N).  The group's
+  integer codes are accumulated against x and scaled once per group::
 
       y[m, n] = sum_g  s[n, g] * sum_{k in g} code[n, k] * x[m, k]  +  z[n, g] * sum_{k in g} x[m, k]
 
-  codes become floats with the exponent trick ``float(c) = bits_as_float(0x4B000000 | c) - 2**23``
-  (exact for c < 2**23: one LOP3 + one FADD instead of the slower I2F), and the warp's partial sums
-  are added with shuffles.  Each row of x is its own block row (``blockIdx.y``): M > 1 re-reads the
-  weights (from L2 when they fit), so this kernel is for batch 1-8.
+  A code is never shifted down to bit 0: code ``c`` at bit ``p`` of its word (``p + width <= 23``; the
+  word's high codes after one right shift) is ``bits_as_float(0x4B000000 | (word & mask << p)) - 2**23
+  = c * 2**p`` exactly (one LOP3, one FADD); products are accumulated per ``p`` and scaled by ``2**-p``
+  once per chunk.  Warps reduce with shuffles, the block through shared memory.  Each row of x is its
+  own block row (``blockIdx.y``): M > 1 re-reads the weights (from L2 when they fit), so this kernel
+  is for batch 1-8; it is correct for any M.
 """
 
 from __future__ import annotations
@@ -31,7 +35,8 @@ from tvm.script import tirx as T
 if TYPE_CHECKING:
     from qcompile.passes.formats import WeightFormat
 
-__all__ = ["dequant_matmul", "gemv", "gemv_config", "chunk_codes", "im2col", "reference_matmul", "GemvConfig"]
+__all__ = ["dequant_matmul", "gemv", "gemv_config", "chunk_codes", "im2col", "reference_matmul", "GemvConfig",
+           "SMEM_X_LIMIT"]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
 WARP = 32
@@ -82,18 +87,32 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
 
 
 class GemvConfig:
-    """Launch shape of :func:`gemv`: ``rows`` output channels per warp, ``warps`` per block."""
+    """Launch shape of :func:`gemv`: ``rows`` output channels at a time per block, whose ``ksplit`` warps
+    split K; ``groups`` such row groups per block, x staged once per block in shared memory if ``smem``."""
 
-    def __init__(self, rows: int = 4, warps: int = 4):
-        self.rows, self.warps = rows, warps
+    def __init__(self, rows: int = 8, ksplit: int = 4, groups: int = 1, smem: bool = False):
+        self.rows, self.ksplit, self.groups, self.smem = rows, ksplit, groups, bool(smem)
 
     def __repr__(self) -> str:
-        return f"GemvConfig(rows={self.rows}, warps={self.warps})"
+        return f"GemvConfig(rows={self.rows}, ksplit={self.ksplit}, groups={self.groups}, smem={self.smem})"
 
 
-def gemv_config(n: int) -> GemvConfig:
-    """Rows per warp: 4 (x reused from registers 4 times) unless that leaves under ~2 blocks per SM."""
-    return GemvConfig(rows=4 if n >= 4096 else 2 if n >= 1024 else 1, warps=4)
+SMEM_X_LIMIT = 96 << 10  # bytes of x staged in shared memory at most (sm_89 allows 99 KB a block)
+
+
+def gemv_config(n: int, k: int, planes: tuple[int, ...] = (4,)) -> GemvConfig:
+    """The launch shape, from timings of 8 shapes at 2 and 4 bits on an H100 (bench/gpu/gpu_check.py):
+
+    8 rows at a time (x reused 8 times from registers), 4 warps along K; for K >= 8192, 8 warps along K
+    and 2 row groups a block with x staged in shared memory (x read from L2 once per 16 rows instead of
+    once per 8); for N >= 8192, 2 row groups with x in shared memory.  Fewer rows for small N.
+    """
+    smem_ok = (k + k // chunk_codes(planes, k) * 4) * 4 <= SMEM_X_LIMIT
+    if k >= 8192 and n >= 1024 and smem_ok:
+        return GemvConfig(rows=8, ksplit=8, groups=2, smem=True)
+    if n >= 8192 and smem_ok:
+        return GemvConfig(rows=8, ksplit=4, groups=2, smem=True)
+    return GemvConfig(rows=8 if n >= 4096 else 4 if n >= 1024 else 2 if n >= 256 else 1, ksplit=4)
 
 
 def chunk_codes(planes: tuple[int, ...], k: int) -> int:
@@ -106,42 +125,62 @@ def chunk_codes(planes: tuple[int, ...], k: int) -> int:
     return ct
 
 
+EXP_BITS = 23  # float32 mantissa bits: a code c placed at bit p < 23 - width reads as 2**23 + c * 2**p
+
+
 def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
     """Scheduled CUDA TIR ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` for small (symbolic) M.
 
-    Same arguments and numpy equivalent as :func:`dequant_matmul`; see the module docstring.
+    Same arguments and numpy equivalent as :func:`dequant_matmul`; see the module docstring.  Codes are
+    never shifted down: code ``c`` at bit ``p`` of a word (``p + width <= 23``, else of the word shifted
+    right once) becomes ``bits_as_float(0x4B000000 | (word & mask << p)) - 2**23 = c * 2**p`` (one LOP3,
+    one FADD), accumulated per ``p`` and scaled by ``2**-p`` once per chunk.
     """
-    cfg = config or gemv_config(n)
     planes, g = tuple(fmt.planes), fmt.group_size
+    cfg = config or gemv_config(n, k, planes)
     if k % g:
         raise ValueError(f"gemv: K={k} must divide by group {g}")
     ct = chunk_codes(planes, k)
-    rows, warps = cfg.rows, cfg.warps
+    rows, ks = cfg.rows, cfg.ksplit
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
     v0, v1 = ct * p0 // 32, ct * p1 // 32  # words of each plane per lane and step
     chunks = k // ct
-    steps = (chunks + WARP - 1) // WARP
+    lanes = WARP * ks
+    steps = (chunks + lanes - 1) // lanes
     sub = max(1, ct // g)  # groups a chunk spans
     cs = min(ct, g)  # codes per group within a chunk
     xv4 = ct // 4
-    per_block = rows * warps
-    blocks = (n + per_block - 1) // per_block
+    groups, smem = cfg.groups, cfg.smem
+    blocks = (n + rows * groups - 1) // (rows * groups)
     kg = k // g
+    xpad = k + (k // ct) * 4  # x in shared memory: 4 floats of padding per chunk (16-byte loads, no conflicts)
+    fill = (k // 4 + lanes - 1) // lanes  # float4 copies per thread to stage x
+    # accumulators per bit position: positions are multiples of the plane's width below bit 23
+    shifts = [-(-(32 - EXP_BITS) // pb) * pb for pb in planes]  # a word's high codes: shifted right once
+    nslots = [(EXP_BITS - pb) // pb + 1 for pb in planes]
+    n1 = nslots[1] if two else 1
 
-    def code(a0, a1, r, i):
-        """Code ``i`` of lane chunk row ``r`` as uint32 (low bits from plane 0, high bits from plane 1)."""
-        c = T.bitwise_and(T.shift_right(a0[r, (i * p0) // 32], T.uint32((i * p0) % 32)), T.uint32((1 << p0) - 1))
-        if two:
-            hi = T.bitwise_and(T.shift_right(a1[r, (i * p1) // 32], T.uint32((i * p1) % 32)),
-                               T.uint32((1 << p1) - 1))
-            c = T.bitwise_or(c, T.shift_left(hi, T.uint32(p0)))
-        return c
+    def value(a, r, plane, i):
+        """``c * 2**pos`` (float32, exact) for code ``i`` of the chunk in ``plane`` (words in registers ``a``)."""
+        pb = planes[plane]
+        bit = (i * pb) % 32
+        shift = T.if_then_else(bit + pb <= EXP_BITS, 0, shifts[plane])
+        src = T.shift_right(a[r, (i * pb) // 32], T.Cast("uint32", shift))
+        mask = T.shift_left(T.uint32((1 << pb) - 1), T.Cast("uint32", bit - shift))
+        return T.reinterpret("float32", T.bitwise_or(T.bitwise_and(src, mask), T.uint32(0x4B000000))) \
+            - T.float32(8388608.0)
 
-    def as_float(c):
-        """float32(c) for 0 <= c < 2**23: c in the mantissa of 2**23, minus 2**23 (exact)."""
-        return T.reinterpret("float32", T.bitwise_or(c, T.uint32(0x4B000000))) - T.float32(8388608.0)
+    def slot(plane, i):
+        """Accumulator of code ``i``: its bit position over the plane width."""
+        pb = planes[plane]
+        bit = (i * pb) % 32
+        return (bit - T.if_then_else(bit + pb <= EXP_BITS, 0, shifts[plane])) // pb
+
+    def pow2(e):
+        """2.0**e as float32 (exact), for an integer expression ``e`` in [-126, 127]."""
+        return T.reinterpret("float32", T.Cast("uint32", (e + 127) * (1 << 23)))
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
@@ -155,49 +194,87 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
         y = T.match_buffer(y_h, (m, n), "float32")
         for mb in T.thread_binding(m, thread="blockIdx.y"):
             for nb in T.thread_binding(blocks, thread="blockIdx.x"):
-                for wy in T.thread_binding(warps, thread="threadIdx.y"):
+                for wy in T.thread_binding(ks, thread="threadIdx.y"):
                     for tx in T.thread_binding(WARP, thread="threadIdx.x"):
+                        red = T.alloc_buffer((groups, ks, rows), "float32", scope="shared")
+                        xsh = T.alloc_buffer((xpad if smem else 4,), "float32", scope="shared.dyn")
                         acc = T.alloc_buffer((rows,), "float32", scope="local")
                         xv = T.alloc_buffer((ct,), "float32", scope="local")
                         xs = T.alloc_buffer((sub,), "float32", scope="local")
                         a0 = T.alloc_buffer((rows, v0), "uint32", scope="local")
                         a1 = T.alloc_buffer((rows, v1), "uint32", scope="local")
+                        q0 = T.alloc_buffer((nslots[0],), "float32", scope="local")
+                        q1 = T.alloc_buffer((n1,), "float32", scope="local")
                         part = T.alloc_buffer((1,), "float32", scope="local")
-                        for r in T.unroll(rows):
-                            acc[r] = T.float32(0)
-                        for st in range(steps):
-                            if st * WARP + tx < chunks:
-                                for i0 in T.unroll(xv4):
+                        if smem:
+                            for it in range(fill):
+                                if (it * ks + wy) * WARP + tx < k // 4:
                                     for i1 in T.vectorized(4):
-                                        xv[i0 * 4 + i1] = x[mb, (st * WARP + tx) * ct + i0 * 4 + i1]
-                                for r in T.unroll(rows):
-                                    if (nb * warps + wy) * rows + r < n:
-                                        for j in T.vectorized(v0):
-                                            a0[r, j] = w0[(nb * warps + wy) * rows + r, (st * WARP + tx) * v0 + j]
-                                        if two:
-                                            for j in T.vectorized(v1):
-                                                a1[r, j] = w1[(nb * warps + wy) * rows + r, (st * WARP + tx) * v1 + j]
-                                for sg in T.unroll(sub):
-                                    xs[sg] = T.float32(0)
-                                    for i in T.unroll(cs):
-                                        xs[sg] = xs[sg] + xv[sg * cs + i]
-                                for r in T.unroll(rows):
-                                    if (nb * warps + wy) * rows + r < n:
-                                        for sg in T.unroll(sub):
-                                            part[0] = T.float32(0)
-                                            for i in T.unroll(cs):
-                                                part[0] = part[0] + as_float(code(a0, a1, r, sg * cs + i)) * xv[sg * cs + i]
-                                            acc[r] = acc[r] + T.Cast(
-                                                "float32", s[(nb * warps + wy) * rows + r, ((st * WARP + tx) * ct + sg * cs) // g]
-                                            ) * part[0] + T.Cast(
-                                                "float32", z[(nb * warps + wy) * rows + r, ((st * WARP + tx) * ct + sg * cs) // g]
-                                            ) * xs[sg]
-                        for r in T.unroll(rows):
-                            for off in T.unroll(5):
-                                acc[r] = acc[r] + T.tvm_warp_shuffle_down(
-                                    T.uint32(0xFFFFFFFF), acc[r], T.shift_right(16, off), WARP, WARP)
-                            if tx == 0 and (nb * warps + wy) * rows + r < n:
-                                y[mb, (nb * warps + wy) * rows + r] = acc[r]
+                                        xsh[((it * ks + wy) * WARP + tx) * 4 + ((it * ks + wy) * WARP + tx) * 4 // ct * 4
+                                            + i1] = x[mb, ((it * ks + wy) * WARP + tx) * 4 + i1]
+                            T.tvm_storage_sync("shared.dyn")
+                        for gr in range(groups):
+                            for r in T.unroll(rows):
+                                acc[r] = T.float32(0)
+                            for st in range(steps):
+                                if (st * ks + wy) * WARP + tx < chunks:
+                                    for i0 in T.unroll(xv4):
+                                        for i1 in T.vectorized(4):
+                                            if smem:
+                                                xv[i0 * 4 + i1] = xsh[((st * ks + wy) * WARP + tx) * (ct + 4) + i0 * 4 + i1]
+                                            else:
+                                                xv[i0 * 4 + i1] = x[mb, ((st * ks + wy) * WARP + tx) * ct + i0 * 4 + i1]
+                                    for r in T.unroll(rows):
+                                        if (nb * groups + gr) * rows + r < n:
+                                            for j in T.vectorized(v0):
+                                                a0[r, j] = w0[(nb * groups + gr) * rows + r, ((st * ks + wy) * WARP + tx) * v0 + j]
+                                            if two:
+                                                for j in T.vectorized(v1):
+                                                    a1[r, j] = w1[(nb * groups + gr) * rows + r,
+                                                                  ((st * ks + wy) * WARP + tx) * v1 + j]
+                                    for sg in T.unroll(sub):
+                                        xs[sg] = T.float32(0)
+                                        for i in T.unroll(cs):
+                                            xs[sg] = xs[sg] + xv[sg * cs + i]
+                                    for r in T.unroll(rows):
+                                        if (nb * groups + gr) * rows + r < n:
+                                            for sg in T.unroll(sub):
+                                                for j in T.unroll(nslots[0]):
+                                                    q0[j] = T.float32(0)
+                                                for j in T.unroll(n1):
+                                                    q1[j] = T.float32(0)
+                                                for i in T.unroll(cs):
+                                                    q0[slot(0, sg * cs + i)] = q0[slot(0, sg * cs + i)] + value(
+                                                        a0, r, 0, sg * cs + i) * xv[sg * cs + i]
+                                                    if two:
+                                                        q1[slot(1, sg * cs + i)] = q1[slot(1, sg * cs + i)] + value(
+                                                            a1, r, 1, sg * cs + i) * xv[sg * cs + i]
+                                                part[0] = T.float32(0)
+                                                for j in T.unroll(nslots[0]):
+                                                    part[0] = part[0] + q0[j] * pow2(-j * p0)
+                                                if two:
+                                                    for j in T.unroll(n1):
+                                                        part[0] = part[0] + q1[j] * pow2(p0 - j * p1)
+                                                acc[r] = acc[r] + T.Cast("float32", s[
+                                                    (nb * groups + gr) * rows + r,
+                                                    (((st * ks + wy) * WARP + tx) * ct + sg * cs) // g]) * part[0] + T.Cast(
+                                                    "float32", z[(nb * groups + gr) * rows + r,
+                                                                 (((st * ks + wy) * WARP + tx) * ct + sg * cs) // g]) * xs[sg]
+                            for r in T.unroll(rows):
+                                for off in T.unroll(5):
+                                    acc[r] = acc[r] + T.tvm_warp_shuffle_down(
+                                        T.uint32(0xFFFFFFFF), acc[r], T.shift_right(16, off), WARP, WARP)
+                                if tx == 0:
+                                    red[gr, wy, r] = acc[r]
+                        T.tvm_storage_sync("shared")
+                        for o in range((groups * rows + lanes - 1) // lanes):
+                            if (o * ks + wy) * WARP + tx < groups * rows:
+                                if nb * groups * rows + (o * ks + wy) * WARP + tx < n:
+                                    part[0] = T.float32(0)
+                                    for w in T.unroll(ks):
+                                        part[0] = part[0] + red[((o * ks + wy) * WARP + tx) // rows, w,
+                                                                ((o * ks + wy) * WARP + tx) % rows]
+                                    y[mb, nb * groups * rows + (o * ks + wy) * WARP + tx] = part[0]
 
     return kernel
 
