@@ -358,7 +358,7 @@ class Session:
             read.map_sync(wgpu.MapMode.READ)
             data = np.frombuffer(read.read_mapped(0, size), np.uint8)[:nbytes].view(ddtype).reshape(shape)
             read.unmap()
-            results[o.name] = data.astype(dtype) if ddtype != dtype else data.copy()
+            results[o.name] = data.astype(o.dtype) if ddtype != o.dtype else data.copy()
         if output_names is None:
             output_names = [o.name for o in self.outputs]
         unknown = [n for n in output_names if n not in results]

@@ -64,6 +64,72 @@ def _decoded_model(model: onnx.ModelProto, artifact) -> onnx.ModelProto:
     return new
 
 
+BLOCK_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+block (int64[batch, seq] ids) => (float[batch, seq, 64] logits, int64[batch, seq] next) {
+    e = Gather(E, ids)
+    ln = LayerNormalization<axis=-1>(e, G, Bt)
+    q = MatMul(ln, Wq)
+    k = MatMul(ln, Wk)
+    v = MatMul(ln, Wv)
+    kt = Transpose<perm=[0,2,1]>(k)
+    s0 = MatMul(q, kt)
+    s = Mul(s0, scale)
+    n = Shape<start=1, end=2>(ids)
+    sq = Concat<axis=0>(n, n)
+    ones = ConstantOfShape<value = float[1] {1.0}>(sq)
+    tri = Trilu<upper=0>(ones)
+    off = Sub(tri, one)
+    mask = Mul(off, big)
+    sm = Add(s, mask)
+    p = Softmax<axis=-1>(sm)
+    a = MatMul(p, v)
+    h = Add(e, a)
+    u = MatMul(h, W1)
+    r = Relu(u)
+    d = MatMul(r, W2)
+    h2 = Add(h, d)
+    logits = MatMul(h2, Wo)
+    next = Add(ids, step)
+}
+"""
+
+
+def block_model(seed: int = 0) -> onnx.ModelProto:
+    """A causal self-attention block on int64 token ids (symbolic batch and sequence), an int64 output."""
+    model = onnx.parser.parse_model(BLOCK_TEXT)
+    rng = np.random.default_rng(seed)
+    shapes = {"E": (100, 128), "G": (128,), "Bt": (128,), "Wq": (128, 128), "Wk": (128, 128), "Wv": (128, 128),
+              "W1": (128, 256), "W2": (256, 128), "Wo": (128, 64)}
+    for name, shape in shapes.items():
+        a = rng.standard_normal(shape) / (np.sqrt(shape[0]) if len(shape) == 2 else 1)
+        model.graph.initializer.append(numpy_helper.from_array(a.astype(np.float32), name))
+    for name, value in {"scale": np.float32(0.125), "one": np.float32(1), "big": np.float32(1e4),
+                        "step": np.int64(1)}.items():
+        model.graph.initializer.append(numpy_helper.from_array(np.array(value), name))
+    onnx.checker.check_model(model)
+    return model
+
+
+@needs_device
+@pytest.mark.parametrize("bpw", [16, 4.25])
+def test_attention_block_int64_ids(tmp_path, bpw):
+    """int64 ids run as int32 on the device; batch and sequence vary between runs of one session."""
+    model = block_model()
+    path = save(model, tmp_path / "block.onnx")
+    opts = dict(bpw=bpw, min_weights=1024)
+    art = compile_model(path, tmp_path / "b.qcm", CompileOptions(target="vulkan", **opts)).path
+    sess = load(art)
+    ref_sess = load(compile_model(path, tmp_path / "x.qcm", CompileOptions(target="x86", int8_dot=False, **opts)).path) \
+        if bpw < 16 else None
+    for batch, seq in ((1, 7), (2, 12), (1, 1)):
+        ids = np.random.default_rng(seq).integers(0, 100, (batch, seq)).astype(np.int64)
+        logits, nxt = sess.run(None, {"ids": ids})
+        assert nxt.dtype == np.int64 and np.array_equal(nxt, ids + 1)
+        ref = _ort(model, {"ids": ids}) if ref_sess is None else ref_sess.run(["logits"], {"ids": ids})[0]
+        np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+
+
 def test_plan_expressions():
     env = {"batch": 7, "sequence": 3}
     assert compile_expr("(((batch) + 31) // 32)")(env) == 1

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 1
 _KERNEL_MARK = "// qcompile-kernel: "
-_DEVICE_DTYPE = {"int64": "int32", "uint64": "uint32"}  # what ForceNarrowIndexToInt32 leaves on the device
+_DEVICE_DTYPE = {"int64": "int32", "bool": "int32"}  # how .narrow keeps them on the device
 
 
 def relax_pipeline(target):
@@ -49,7 +49,7 @@ def relax_pipeline(target):
             seq = tvm.transform.Sequential(
                 [relax.transform.DecomposeOpsForInference()]
                 + gpu.library_dispatch_passes(target)
-                + _with_scalar_producers_unfused(gpu.legalize_passes(target))
+                + _with_scalar_producers_unfused(_without_fold_constant(gpu.legalize_passes(target)))
                 + gpu.dataflow_lower_passes(target)
                 + [relax.transform.StaticPlanBlockMemory(), relax.transform.LowerAllocTensor(),
                    relax.transform.AttachGlobalSymbol()]
@@ -57,6 +57,12 @@ def relax_pipeline(target):
             return seq(mod)
 
     return _pipeline
+
+
+def _without_fold_constant(passes: list) -> list:
+    """Without ``FoldConstant``: it would turn .narrow's ``astype(int32 constant, bool)`` back into a
+    bool buffer (WGSL storage has no 8-bit type); from_onnx folded the shape arithmetic already."""
+    return [p for p in passes if p.info.name != "FoldConstant"]
 
 
 def _tir_passes():
@@ -172,7 +178,10 @@ def _wgsl(kernel_mod, target) -> str:
     from tvm.s_tir.pipeline import finalize_device_passes  # noqa: PLC0415
     from tvm.tirx.build import codegen_build  # noqa: PLC0415
 
-    return codegen_build(finalize_device_passes()(kernel_mod), target).inspect_source()
+    src = codegen_build(finalize_device_passes()(kernel_mod), target).inspect_source()
+    # a bool tensor that .narrow could not keep out of a kernel (a bool constant FuseOps passes in) is read
+    # as i8, which WGSL lacks: the runtime stores bools as int32 and the kernel reads them with bool(...)
+    return re.sub(r"(var<storage, read> \w+ : array<)i8>", r"\1i32>", src)
 
 
 _POD = re.compile(r"struct PODArgs \{(.*?)\}", re.S)
@@ -259,7 +268,7 @@ class _Planner:
                 storage = self.values[e.args[0]]
                 self.values[var] = self.tensor(storage, e.args[1], e.args[2].values, str(e.args[3].value))
             elif op == "relax.reshape":
-                src = self.values[e.args[0]]
+                src = self.value(e.args[0])
                 self.values[var] = dict(src, shape=[expr_text(d) for d in var.ty.shape.values])
             else:
                 raise NotImplementedError(f"vulkan plan: operator {op} in main is not supported")

@@ -21,6 +21,7 @@ from qcompile.passes.formats import WeightFormat
 
 from ..x86 import lower as x86_lower
 from . import kernels
+from .narrow import narrow_int64
 
 __all__ = ["lower_to_relax"]
 
@@ -89,6 +90,7 @@ def lower_to_relax(model: onnx.ModelProto) -> x86_lower.LoweredModel:
         warnings.simplefilter("ignore")  # our custom-domain nodes make onnx.checker complain
         mod = from_onnx(split, keep_params_in_input=False)
     mod["main"] = mod["main"].with_attr("num_input", num_inputs)
+    mod = narrow_int64(mod)  # WGSL has no 64-bit integers
     mod = relax.transform.RemoveRedundantReshape()(mod)
     mod = relax.transform.DeadCodeElimination()(mod)
     layouts = {name: "canonical" for name in names if params[name].dtype == np.uint32}
