@@ -44,3 +44,22 @@ def test_a_target_json_with_an_aarch64_triple_is_arm():
 def test_an_unknown_cpu_lists_the_presets():
     with pytest.raises(QCompileError, match="cortex-a76"):
         resolve_target("arm:cortex-x9000")
+
+
+@pytest.mark.parametrize("machine,expected", [("aarch64", {"fp", "asimd", "asimddp"}), ("x86_64", {"sse4_2", "avx2"})])
+def test_the_runtime_reads_the_cpu_features_of_either_architecture(monkeypatch, machine, expected):
+    """x86's /proc/cpuinfo lists ISA extensions as "flags", aarch64's as "Features"."""
+    from qcompile.runtime import session
+
+    cpuinfo = "processor\t: 0\nflags\t\t: sse4_2 avx2\nFeatures\t: fp asimd asimddp\n"
+
+    class FakePath:
+        def __init__(self, path):
+            assert path == "/proc/cpuinfo"
+
+        def read_text(self):
+            return cpuinfo
+
+    monkeypatch.setattr(session, "Path", FakePath)
+    monkeypatch.setattr(session.platform, "machine", lambda: machine)
+    assert session._host_cpu_flags() == expected  # noqa: SLF001
