@@ -1,6 +1,6 @@
 """MetaSchedule tuning: speedup on x86, and tuning throughput over a TVM RPC tracker with 1, 2, 4 servers.
 
-    python bench/tuning.py [--trials 16] [--rpc-trials 4]
+    python bench/tuning.py [--trials 8] [--rpc-trials 4]
 
 - ``x86``: a small CNN (4 convolutions, batch 1, 4.25 bpw: the largest conv runs on our quantized kernel,
   the others stay float and are tuned) is tuned into a fresh database (``--trials`` schedules per kernel),
@@ -155,7 +155,7 @@ def bench_rpc(work: Path, servers: int, trials: int, kill_one: bool = False) -> 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--trials", type=int, default=16, help="x86: schedules per kernel")
+    p.add_argument("--trials", type=int, default=8, help="x86: schedules per kernel")
     p.add_argument("--rpc-trials", type=int, default=4, help="rpc: schedules per kernel")
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4])
     p.add_argument("--out", type=Path, default=RESULTS / "tuning.json")

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -36,8 +37,9 @@ def free_port() -> int:
 class LoopbackCluster:
     """A tracker and ``servers`` RPC servers registered under ``key``, all on 127.0.0.1."""
 
-    def __init__(self, servers: int, key: str = "local", start_timeout_s: float = 120.0):
+    def __init__(self, servers: int, key: str = "local", start_timeout_s: float = 120.0, keep_logs: bool = False):
         self.key = key
+        self.keep_logs = keep_logs  # else the logs go when the context exits (read sessions() before)
         self.n_servers = servers
         self.start_timeout_s = start_timeout_s
         self.logs = Path(tempfile.mkdtemp(prefix="qcompile-rpc-"))
@@ -79,6 +81,12 @@ class LoopbackCluster:
     def wait_registered(self, n: int) -> None:
         deadline = time.monotonic() + self.start_timeout_s
         while True:
+            procs = [("tracker", self.tracker_proc)] + [(f"server{i}", p) for i, p in enumerate(self.servers)]
+            dead = [name for name, p in procs if p is not None and p.poll() is not None]
+            if dead:
+                tail = (self.logs / f"{dead[0]}.log").read_text(errors="replace")[-1500:]
+                self.stop()
+                raise RuntimeError(f"RPC cluster: {dead[0]} exited at start:\n{tail}")
             try:
                 if self.registered() >= n:
                     return
@@ -127,3 +135,5 @@ class LoopbackCluster:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+        if not self.keep_logs:
+            shutil.rmtree(self.logs, ignore_errors=True)
