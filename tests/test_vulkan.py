@@ -13,13 +13,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
-from helpers import convnet_model, mlp_model, save
 from onnx import numpy_helper
 
 from qcompile.compiler.driver import CompileOptions, compile_model
 from qcompile.passes.formats import PRESETS
 from qcompile.runtime import ArtifactError, load
 from qcompile.runtime.vulkan import compile_expr
+from tests import models
+from tests.helpers import convnet_model, mlp_model, save
 
 pytestmark = pytest.mark.vulkan
 
@@ -199,3 +200,21 @@ def test_modified_plan_is_refused(tmp_path):
     plan.write_text(plan.read_text().replace('"grid"', '"grid" ', 1))
     with pytest.raises(ArtifactError, match="plan.json does not match"):
         load(bad)
+
+
+@pytest.mark.slow
+@needs_device
+def test_minilm_matches_onnxruntime_and_x86(tmp_path):
+    """A torch.onnx export (int64 ids and masks, gather-index normalization, bool masks) in float and at
+    4.25 bpw."""
+    path = models.minilm_onnx()
+    feeds = models.minilm_inputs(models.MINILM_SENTENCES[:2])
+    (ref,) = ort.InferenceSession(str(path)).run(["last_hidden_state"], feeds)
+    art = compile_model(path, tmp_path / "f.qcm", CompileOptions(target="vulkan", bpw=16)).path
+    (y,) = load(art).run(["last_hidden_state"], feeds)
+    np.testing.assert_allclose(y, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
+    arts = {t: compile_model(path, tmp_path / f"{t}.qcm", CompileOptions(target=t, bpw=4.25, int8_dot=False)).path
+            for t in ("vulkan", "x86")}
+    (y,) = load(arts["vulkan"]).run(["last_hidden_state"], feeds)
+    (y86,) = load(arts["x86"]).run(["last_hidden_state"], feeds)
+    np.testing.assert_allclose(y, y86, rtol=1e-4, atol=1e-5 * np.abs(y86).max())
