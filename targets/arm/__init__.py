@@ -62,9 +62,8 @@ def _spec(tjson: dict, flags: tuple[str, ...]) -> TargetSpec:
 def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
     """``arm`` / ``arm:<preset>`` (:data:`PRESETS`) or a ``{"kind":"llvm","mtriple":"aarch64-...",...}`` JSON."""
     if tvm_json is not None:
-        attrs = [a.lstrip("+") for a in tvm_json.get("mattr", []) if a.startswith("+")]
-        flags = tuple(_LINUX_FLAG[a] for a in attrs if a in _LINUX_FLAG)
-        return _spec(dict(tvm_json), flags)
+        # what LLVM's CPU model plus mattr enables is what the code may use: the runtime checks all of it
+        return _spec(dict(tvm_json), tuple(_LINUX_FLAG[f] for f in llvm_features(tvm_json)))
     name = text.split(":", 1)[1] if ":" in text else DEFAULT_PRESET
     preset = PRESETS.get(name)
     if preset is None:
@@ -78,12 +77,19 @@ def make_backend(spec: TargetSpec, options) -> "ArmTarget":
     return ArmTarget(spec, int8_dot=options.int8_dot)
 
 
-def has_dotprod(tjson: dict) -> bool:
-    """Whether the target's CPU (its mcpu plus mattr, as LLVM sees them) has the dot-product extension."""
+def llvm_features(tjson: dict) -> tuple[str, ...]:
+    """The tracked ISA extensions (LLVM names, those of :data:`_LINUX_FLAG`) of the target's CPU: its
+    mcpu plus mattr, as LLVM sees them."""
     import tvm  # noqa: PLC0415
     from tvm.target import codegen  # noqa: PLC0415
 
-    return bool(codegen.target_has_features("dotprod", tvm.target.Target(tjson)))
+    target = tvm.target.Target(tjson)
+    return tuple(f for f in _LINUX_FLAG if codegen.target_has_features(f, target))
+
+
+def has_dotprod(tjson: dict) -> bool:
+    """Whether the target's CPU has the dot-product extension (``sdot``)."""
+    return "dotprod" in llvm_features(tjson)
 
 
 class ArmTarget:
