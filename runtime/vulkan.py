@@ -138,12 +138,12 @@ class _Program:
                 buffers.append(sess.fixed[spec["name"]])
             else:
                 size = max(16, -(-sess.exprs(spec["bytes"], env) // 16) * 16)
-                buffers.append(dev.create_buffer(size=size, usage=_STORAGE_USAGE()))
+                buffers.append(dev.create_buffer(size=size, usage=_storage_usage()))
         self.inputs = []
-        for i, spec in enumerate(sess.input_specs):
+        for spec in sess.input_specs:
             shape = [sess.exprs(d, env) for d in spec["shape"]]
             nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(plan, spec["dtype"])).itemsize
-            buf = dev.create_buffer(size=max(16, -(-nbytes // 16) * 16), usage=_STORAGE_USAGE())
+            buf = dev.create_buffer(size=max(16, -(-nbytes // 16) * 16), usage=_storage_usage())
             self.inputs.append(buf)
         for b, spec in enumerate(plan["buffers"]):
             if spec["kind"] == "input":
@@ -165,8 +165,8 @@ class _Program:
                 raise QCompileError(f"{sess.path}: kernel {kernel['name']} needs {gy} workgroups in y (limit {max_dim})")
             gz = -(-gx // max_dim)
             x = -(-gx // gz)
-            values = [sess.exprs(v, env) for v in call["pod"]] + [gx - 1]
-            types = kernel["pod"]
+            types = kernel["pod"]  # the kernel's scalars, then packGridDimX (the last block index)
+            values = [sess.exprs(v, env) for v in call["pod"]] + [gx - 1] if types else []
             if len(types) != len(values):
                 raise ArtifactError(f"{sess.path}: kernel {kernel['name']} takes {len(types)} uniform values, "
                                     f"the plan gives {len(values)}")
@@ -197,7 +197,7 @@ class _Program:
                                  ddtype, spec["dtype"], nbytes))
 
 
-def _STORAGE_USAGE():  # noqa: N802
+def _storage_usage():
     import wgpu  # noqa: PLC0415
 
     return wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
@@ -280,7 +280,7 @@ class Session:
             if name not in arrays:
                 raise ArtifactError(f"{root}: no parameter {name} in {PARAMS}")
             a = self._to_device(arrays[name], name)
-            out[name] = self.device.create_buffer_with_data(data=_padded(a), usage=_STORAGE_USAGE())
+            out[name] = self.device.create_buffer_with_data(data=_padded(a), usage=_storage_usage())
         return out
 
     def _to_device(self, a: np.ndarray, what: str) -> np.ndarray:
@@ -401,7 +401,7 @@ class Session:
         encoder = self.device.create_command_encoder()
         out = {}
         for name, buf in self.fixed.items():
-            out[name] = self.device.create_buffer(size=buf.size, usage=_STORAGE_USAGE())
+            out[name] = self.device.create_buffer(size=buf.size, usage=_storage_usage())
             encoder.copy_buffer_to_buffer(buf, 0, out[name], 0, buf.size)
         self.device.queue.submit([encoder.finish()])
         return out
