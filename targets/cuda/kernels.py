@@ -90,11 +90,13 @@ class GemvConfig:
     """Launch shape of :func:`gemv`: ``rows`` output channels at a time per block, whose ``ksplit`` warps
     split K; ``groups`` such row groups per block, x staged once per block in shared memory if ``smem``."""
 
-    def __init__(self, rows: int = 8, ksplit: int = 4, groups: int = 1, smem: bool = False):
+    def __init__(self, rows: int = 8, ksplit: int = 4, groups: int = 1, smem: bool = False, prefetch: bool = False):
         self.rows, self.ksplit, self.groups, self.smem = rows, ksplit, groups, bool(smem)
+        self.prefetch = bool(prefetch)  # load the next step's words before this step's math (registers x2)
 
     def __repr__(self) -> str:
-        return f"GemvConfig(rows={self.rows}, ksplit={self.ksplit}, groups={self.groups}, smem={self.smem})"
+        return (f"GemvConfig(rows={self.rows}, ksplit={self.ksplit}, groups={self.groups}, smem={self.smem}, "
+                f"prefetch={self.prefetch})")
 
 
 SMEM_X_LIMIT = 96 << 10  # bytes of x staged in shared memory at most (sm_89 allows 99 KB a block)
@@ -105,10 +107,11 @@ def gemv_config(n: int, k: int, planes: tuple[int, ...] = (4,)) -> GemvConfig:
 
     8 rows at a time (x reused 8 times from registers), 4 warps along K; for K >= 8192, 8 warps along K
     and 2 row groups a block with x staged in shared memory (x read from L2 once per 16 rows instead of
-    once per 8); for N >= 8192, 2 row groups with x in shared memory.  Fewer rows for small N.
+    once per 8); for N >= 8192, 2 row groups with x in shared memory.  Fewer rows for small N.  Software
+    prefetch of the next step's words (``prefetch``) measured within noise of none: off.
     """
     smem_ok = (k + k // chunk_codes(planes, k) * 4) * 4 <= SMEM_X_LIMIT
-    if k >= 8192 and n >= 1024 and smem_ok:
+    if k >= 8192 and n >= 1024 and smem_ok and planes != (8,):  # 8 bits: 27.0 us without, 29.6 with
         return GemvConfig(rows=8, ksplit=8, groups=2, smem=True)
     if n >= 8192 and smem_ok:
         return GemvConfig(rows=8, ksplit=4, groups=2, smem=True)
@@ -152,7 +155,7 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
     sub = max(1, ct // g)  # groups a chunk spans
     cs = min(ct, g)  # codes per group within a chunk
     xv4 = ct // 4
-    groups, smem = cfg.groups, cfg.smem
+    groups, smem, prefetch = cfg.groups, cfg.smem, cfg.prefetch
     blocks = (n + rows * groups - 1) // (rows * groups)
     kg = k // g
     xpad = k + (k // ct) * 4  # x in shared memory: 4 floats of padding per chunk (16-byte loads, no conflicts)
@@ -203,6 +206,8 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
                         xs = T.alloc_buffer((sub,), "float32", scope="local")
                         a0 = T.alloc_buffer((rows, v0), "uint32", scope="local")
                         a1 = T.alloc_buffer((rows, v1), "uint32", scope="local")
+                        b0 = T.alloc_buffer((rows, v0 if prefetch else 1), "uint32", scope="local")
+                        b1 = T.alloc_buffer((rows, v1 if prefetch else 1), "uint32", scope="local")
                         q0 = T.alloc_buffer((nslots[0],), "float32", scope="local")
                         q1 = T.alloc_buffer((n1,), "float32", scope="local")
                         part = T.alloc_buffer((1,), "float32", scope="local")
@@ -216,6 +221,15 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
                         for gr in range(groups):
                             for r in T.unroll(rows):
                                 acc[r] = T.float32(0)
+                            if prefetch:
+                                if wy * WARP + tx < chunks:
+                                    for r in T.unroll(rows):
+                                        if (nb * groups + gr) * rows + r < n:
+                                            for j in T.vectorized(v0):
+                                                b0[r, j] = w0[(nb * groups + gr) * rows + r, (wy * WARP + tx) * v0 + j]
+                                            if two:
+                                                for j in T.vectorized(v1):
+                                                    b1[r, j] = w1[(nb * groups + gr) * rows + r, (wy * WARP + tx) * v1 + j]
                             for st in range(steps):
                                 if (st * ks + wy) * WARP + tx < chunks:
                                     for i0 in T.unroll(xv4):
@@ -224,14 +238,33 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
                                                 xv[i0 * 4 + i1] = xsh[((st * ks + wy) * WARP + tx) * (ct + 4) + i0 * 4 + i1]
                                             else:
                                                 xv[i0 * 4 + i1] = x[mb, ((st * ks + wy) * WARP + tx) * ct + i0 * 4 + i1]
-                                    for r in T.unroll(rows):
-                                        if (nb * groups + gr) * rows + r < n:
-                                            for j in T.vectorized(v0):
-                                                a0[r, j] = w0[(nb * groups + gr) * rows + r, ((st * ks + wy) * WARP + tx) * v0 + j]
+                                    if prefetch:  # this step's words arrived during the last step's math
+                                        for r in T.unroll(rows):
+                                            for j in T.unroll(v0):
+                                                a0[r, j] = b0[r, j]
                                             if two:
-                                                for j in T.vectorized(v1):
-                                                    a1[r, j] = w1[(nb * groups + gr) * rows + r,
-                                                                  ((st * ks + wy) * WARP + tx) * v1 + j]
+                                                for j in T.unroll(v1):
+                                                    a1[r, j] = b1[r, j]
+                                        if ((st + 1) * ks + wy) * WARP + tx < chunks:
+                                            for r in T.unroll(rows):
+                                                if (nb * groups + gr) * rows + r < n:
+                                                    for j in T.vectorized(v0):
+                                                        b0[r, j] = w0[(nb * groups + gr) * rows + r,
+                                                                      (((st + 1) * ks + wy) * WARP + tx) * v0 + j]
+                                                    if two:
+                                                        for j in T.vectorized(v1):
+                                                            b1[r, j] = w1[(nb * groups + gr) * rows + r,
+                                                                          (((st + 1) * ks + wy) * WARP + tx) * v1 + j]
+                                    else:
+                                        for r in T.unroll(rows):
+                                            if (nb * groups + gr) * rows + r < n:
+                                                for j in T.vectorized(v0):
+                                                    a0[r, j] = w0[(nb * groups + gr) * rows + r,
+                                                                  ((st * ks + wy) * WARP + tx) * v0 + j]
+                                                if two:
+                                                    for j in T.vectorized(v1):
+                                                        a1[r, j] = w1[(nb * groups + gr) * rows + r,
+                                                                      ((st * ks + wy) * WARP + tx) * v1 + j]
                                     for sg in T.unroll(sub):
                                         xs[sg] = T.float32(0)
                                         for i in T.unroll(cs):
