@@ -1,7 +1,9 @@
 """Run a Vulkan artifact (``kernels.wgsl`` + ``plan.json``) with wgpu (wgpu-native) on its Vulkan backend.
 
 The plan (written by ``qcompile.targets.vulkan.build``) lists the buffers, the WGSL kernels and their
-calls in order, with sizes, uniform values and grids as expressions of the model's symbolic dims.
+calls in order, with sizes, uniform values and grids as expressions of the model's symbolic dims; it
+may hold several variants (a decode step with batch = sequence = 1, then the general plan): a run
+uses the first whose condition on the dims holds.
 At load, the shader modules, pipelines and parameter buffers are created once.  For each set of
 input shapes (bound to the symbolic dims), the storage buffers, bind groups and uniform values are
 created once and kept (a few shape sets at a time); a run then writes the inputs, records one command
@@ -30,7 +32,7 @@ __all__ = ["Session", "load", "compile_expr", "request_device"]
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 _KERNEL_MARK = "// qcompile-kernel: "
 _SHAPE_SETS = 4  # shape signatures whose buffers and bind groups are kept
 _POD_NUMPY = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
@@ -121,14 +123,42 @@ def _device_dtype(plan: dict, dtype: str) -> str:
     return plan.get("device_dtypes", {}).get(dtype, dtype)
 
 
+class _Variant:
+    """One plan variant (``when`` its condition on the symbolic dims) with its pipelines, created at load."""
+
+    def __init__(self, sess: Session, plan: dict, sources: dict[str, str]):
+        import wgpu  # noqa: PLC0415
+
+        dev = sess.device
+        self.plan, self.when, self.kernels = plan, plan["when"], plan["kernels"]
+        self.pipelines, self.layouts = [], {}
+        for k in self.kernels:
+            src = sources.get(k["id"])
+            if src is None:
+                raise ArtifactError(f"{sess.path}: {KERNELS_WGSL} has no kernel {k['id']}")
+            entries = [{"binding": j, "visibility": wgpu.ShaderStage.COMPUTE,
+                        "buffer": {"type": "read-only-storage" if access == "read" else "storage"}}
+                       for j, access in enumerate(k["bindings"])]
+            if k["pod"]:
+                entries.append({"binding": len(entries), "visibility": wgpu.ShaderStage.COMPUTE,
+                                "buffer": {"type": "uniform"}})
+            layout = dev.create_bind_group_layout(entries=entries)
+            module = dev.create_shader_module(code=src, label=k["id"])
+            pipeline = dev.create_compute_pipeline(
+                layout=dev.create_pipeline_layout(bind_group_layouts=[layout]),
+                compute={"module": module, "entry_point": k["name"]}, label=k["id"])
+            self.layouts[k["id"]] = layout
+            self.pipelines.append(pipeline)
+
+
 class _Program:
     """What one set of input shapes needs: storage buffers, bind groups, uniform values, dispatches."""
 
-    def __init__(self, sess: Session, env: dict):
+    def __init__(self, sess: Session, variant: _Variant, env: dict):
         import wgpu  # noqa: PLC0415
 
-        dev, plan = sess.device, sess.plan
-        self.env = env
+        dev, plan, dtypes = sess.device, variant.plan, sess.plan
+        self.variant, self.env = variant, env
         buffers: list = []
         for spec in plan["buffers"]:
             kind = spec["kind"]
@@ -140,9 +170,9 @@ class _Program:
                 size = max(16, -(-sess.exprs(spec["bytes"], env) // 16) * 16)
                 buffers.append(dev.create_buffer(size=size, usage=_storage_usage()))
         self.inputs = []
-        for spec in sess.input_specs:
+        for spec in plan["inputs"]:
             shape = [sess.exprs(d, env) for d in spec["shape"]]
-            nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(plan, spec["dtype"])).itemsize
+            nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(dtypes, spec["dtype"])).itemsize
             buf = dev.create_buffer(size=max(16, -(-nbytes // 16) * 16), usage=_storage_usage())
             self.inputs.append(buf)
         for b, spec in enumerate(plan["buffers"]):
@@ -157,7 +187,7 @@ class _Program:
         pods = bytearray(slot * max(1, len(calls)))
         self.dispatches = []
         for c_i, call in enumerate(calls):
-            kernel = sess.kernels[call["kernel"]]
+            kernel = variant.kernels[call["kernel"]]
             gx, gy = (sess.exprs(g, env) for g in call["grid"])
             if gx <= 0 or gy <= 0:
                 continue
@@ -177,19 +207,19 @@ class _Program:
                 buf = buffers[b]
                 off = sess.exprs(offset, env)
                 entries.append({"binding": j, "resource": {"buffer": buf, "offset": off, "size": buf.size - off}})
-            self.dispatches.append((sess.pipelines[call["kernel"]], kernel, entries, c_i * slot, (x, gy, gz)))
+            self.dispatches.append((variant.pipelines[call["kernel"]], kernel, entries, c_i * slot, (x, gy, gz)))
         self.uniform = dev.create_buffer_with_data(data=bytes(pods), usage=wgpu.BufferUsage.UNIFORM)
         self.bind_groups = []
         for pipeline, kernel, entries, pod_offset, grid in self.dispatches:
             if kernel["pod"]:
                 entries = entries + [{"binding": len(entries), "resource": {
                     "buffer": self.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}}]
-            group = dev.create_bind_group(layout=sess.layouts[kernel["name"]], entries=entries)
+            group = dev.create_bind_group(layout=variant.layouts[kernel["id"]], entries=entries)
             self.bind_groups.append((pipeline, group, grid))
         self.outputs = []
         for spec in plan["outputs"]:
             shape = tuple(sess.exprs(d, env) for d in spec["shape"])
-            ddtype = _device_dtype(plan, spec["dtype"])
+            ddtype = _device_dtype(dtypes, spec["dtype"])
             nbytes = int(np.prod(shape)) * np.dtype(ddtype).itemsize
             size = max(4, -(-nbytes // 4) * 4)
             read = dev.create_buffer(size=size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
@@ -220,20 +250,22 @@ class Session:
         self.plan = plan = json.loads((root / PLAN).read_text())
         if plan.get("format") != PLAN_FORMAT:
             raise ArtifactError(f"{root}: plan format {plan.get('format')}, this runtime reads {PLAN_FORMAT}")
-        self.kernels = plan["kernels"]
-        features = ("shader-f16",) if any(k["f16"] for k in self.kernels) else ()
+        kernels = [k for v in plan["variants"] for k in v["kernels"]]
+        features = ("shader-f16",) if any(k["f16"] for k in kernels) else ()
         self.device = device if device is not None else request_device(features)
         self._exprs: dict[str, object] = {}
-        self.input_specs = plan["inputs"]
         self.inputs = [NodeArg(i["name"], i["dtype"], tuple(i["shape"])) for i in self.manifest["inputs"]]
         self.outputs = [NodeArg(o["name"], o["dtype"], tuple(o["shape"])) for o in self.manifest["outputs"]]
-        if len(self.inputs) != len(self.input_specs) or len(self.outputs) != len(plan["outputs"]):
-            raise ArtifactError(f"{root}: plan.json and the manifest disagree on the inputs or outputs")
-        self._create_pipelines(_split_sources((root / KERNELS_WGSL).read_text()))
+        for v in plan["variants"]:
+            if len(self.inputs) != len(v["inputs"]) or len(self.outputs) != len(v["outputs"]):
+                raise ArtifactError(f"{root}: plan.json and the manifest disagree on the inputs or outputs")
+        sources = _split_sources((root / KERNELS_WGSL).read_text())
+        self.variants = [_Variant(self, v, sources) for v in plan["variants"]]
+        self.input_specs = plan["variants"][-1]["inputs"]  # the general variant binds the symbolic dims
         self.fixed = self._upload_fixed(root)
         self._programs: OrderedDict = OrderedDict()
-        log.info("loaded %s: %d kernels, %d calls, %d parameter buffers", root, len(self.kernels),
-                 len(plan["calls"]), len(self.fixed))
+        log.info("loaded %s: %d plan variants, %d kernels, %d parameter buffers", root, len(self.variants),
+                 len(kernels), len(self.fixed))
 
     # -- load ---------------------------------------------------------------------------------------
 
@@ -243,29 +275,6 @@ class Session:
             f = self._exprs[text] = compile_expr(text)
         return int(f(env))
 
-    def _create_pipelines(self, sources: dict[str, str]):
-        import wgpu  # noqa: PLC0415
-
-        dev = self.device
-        self.pipelines, self.layouts = [], {}
-        for k in self.kernels:
-            src = sources.get(k["name"])
-            if src is None:
-                raise ArtifactError(f"{self.path}: {KERNELS_WGSL} has no kernel {k['name']}")
-            entries = [{"binding": j, "visibility": wgpu.ShaderStage.COMPUTE,
-                        "buffer": {"type": "read-only-storage" if access == "read" else "storage"}}
-                       for j, access in enumerate(k["bindings"])]
-            if k["pod"]:
-                entries.append({"binding": len(entries), "visibility": wgpu.ShaderStage.COMPUTE,
-                                "buffer": {"type": "uniform"}})
-            layout = dev.create_bind_group_layout(entries=entries)
-            module = dev.create_shader_module(code=src, label=k["name"])
-            pipeline = dev.create_compute_pipeline(
-                layout=dev.create_pipeline_layout(bind_group_layouts=[layout]),
-                compute={"module": module, "entry_point": k["name"]}, label=k["name"])
-            self.layouts[k["name"]] = layout
-            self.pipelines.append(pipeline)
-
     def _upload_fixed(self, root: Path) -> dict:
         from safetensors.numpy import load_file  # noqa: PLC0415
 
@@ -273,8 +282,8 @@ class Session:
         if "constants.safetensors" in self.manifest["files"]:
             arrays.update(load_file(str(root / "constants.safetensors")))
         out = {}
-        for spec in self.plan["buffers"]:
-            if spec["kind"] not in ("param", "const"):
+        for spec in (b for v in self.plan["variants"] for b in v["buffers"]):
+            if spec["kind"] not in ("param", "const") or spec["name"] in out:
                 continue
             name = spec["name"]
             if name not in arrays:
@@ -318,7 +327,7 @@ class Session:
                 raise QCompileError(f"{self.path}: input {spec.name!r} expects shape {list(spec.shape)}, "
                                     f"found {list(a.shape)}")
             arrays.append(self._to_device(a, f"input {spec.name!r}"))
-        for name, (i, d) in self.plan["shape_vars"].items():
+        for name, (i, d) in self.plan["variants"][-1]["shape_vars"].items():
             env[name] = int(arrays[i].shape[d])
         for spec, a in zip(self.input_specs, arrays):  # dims that are expressions of the bound ones
             want = [self.exprs(d, env) for d in spec["shape"]]
@@ -331,7 +340,8 @@ class Session:
         key = tuple(sorted(env.items()))
         prog = self._programs.get(key)
         if prog is None:
-            prog = self._programs[key] = _Program(self, env)
+            variant = next(v for v in self.variants if all(env.get(k) == x for k, x in v.when.items()))
+            prog = self._programs[key] = _Program(self, variant, env)
             while len(self._programs) > _SHAPE_SETS:
                 self._programs.popitem(last=False)
         else:
@@ -397,6 +407,34 @@ class Session:
             read.unmap()
         return float(np.median(times[1:]))
 
+    def profile_calls(self, feeds: dict) -> list[tuple[str, float]]:
+        """(kernel name, seconds) of each call of one run, each call submitted and waited for alone."""
+        import time  # noqa: PLC0415
+
+        import wgpu  # noqa: PLC0415
+
+        arrays, env = self._bind(feeds)
+        prog = self._program(env)
+        for buf, a in zip(prog.inputs, arrays):
+            if a.nbytes:
+                self.device.queue.write_buffer(buf, 0, _padded(a))
+        src, offset, _size, read, *_ = prog.outputs[0]
+        out = []
+        for group, (_, kernel, *_rest) in zip(prog.bind_groups, prog.dispatches):
+            encoder = self.device.create_command_encoder()
+            cpass = encoder.begin_compute_pass()
+            cpass.set_pipeline(group[0])
+            cpass.set_bind_group(0, group[1])
+            cpass.dispatch_workgroups(*group[2])
+            cpass.end()
+            encoder.copy_buffer_to_buffer(src, offset, read, 0, 4)
+            t0 = time.perf_counter()
+            self.device.queue.submit([encoder.finish()])
+            read.map_sync(wgpu.MapMode.READ)
+            out.append((kernel["name"], time.perf_counter() - t0))
+            read.unmap()
+        return out
+
     def _copy_fixed(self) -> dict:
         encoder = self.device.create_command_encoder()
         out = {}
@@ -417,7 +455,7 @@ class Session:
             if kernel["pod"]:
                 entries.append({"binding": len(entries), "resource": {
                     "buffer": prog.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}})
-            out.append((pipeline, self.device.create_bind_group(layout=self.layouts[kernel["name"]],
+            out.append((pipeline, self.device.create_bind_group(layout=prog.variant.layouts[kernel["id"]],
                                                                 entries=entries), grid))
         return out
 

@@ -7,7 +7,8 @@ sequence of storage allocations, tensor views and calls of PrimFuncs.  Each Prim
 half becomes one WGSL compute shader by TVM's webgpu codegen.  Indices are forced to 32 bits first
 (WGSL has no 64-bit integers; int64 tensors live on the device as int32).
 
-The plan (:mod:`qcompile.runtime.vulkan` executes it) records, in ``main``'s order:
+The plan (:mod:`qcompile.runtime.vulkan` executes it) holds variants (a decode-step specialization
+first for KV-cache models, then the general one), each recording in ``main``'s order:
 
     buffers   input i | param NAME | const NAME | storage of BYTES bytes
     calls     kernel, [buffer, byte offset] per WGSL binding, uniform (POD) values, grid (x, y, z)
@@ -30,7 +31,7 @@ __all__ = ["build_plan", "relax_pipeline", "PLAN_FORMAT"]
 
 log = logging.getLogger(__name__)
 
-PLAN_FORMAT = 1
+PLAN_FORMAT = 2
 _KERNEL_MARK = "// qcompile-kernel: "
 _DEVICE_DTYPE = {"int64": "int32", "bool": "int32"}  # how .narrow keeps them on the device
 
@@ -325,9 +326,19 @@ class _Planner:
         return list(out) if isinstance(out, tuple) else [out]
 
 
-def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path) -> list[str]:
-    """Compile ``mod`` (the lowered Relax module) and write kernels.wgsl, plan.json (and constants.safetensors
-    when ``main`` holds constants) into ``out_dir``; returns the file names written."""
+def _decode_binding(mod, num_inputs: int) -> dict[str, int]:
+    """Symbolic dims to specialize to 1 for a decode step: those of the first input (batch, sequence)
+    when the model takes a KV cache (an input named ``past...``); empty otherwise."""
+    main = mod["main"]
+    names = [str(p.name) for p in main.params[:num_inputs]]
+    if not any(n.startswith("past") for n in names):
+        return {}
+    dims = main.params[0].ty.shape.values
+    return {str(d.name): 1 for d in dims if _is_var(d)}
+
+
+def _plan_variant(mod, param_names: list[str], num_inputs: int, tag: str):
+    """One plan for ``mod``: (plan dict, WGSL sources, constants); kernel ids and constants carry ``tag``."""
     import tvm  # noqa: PLC0415
     from tvm import relax, tirx  # noqa: PLC0415
 
@@ -356,24 +367,52 @@ def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path
     sources, kernel_meta = [], []
     for kname in planner.used_kernels:
         src = _wgsl(tvm.IRModule({kname: kernels[kname]}), target)
-        sources.append(f"{_KERNEL_MARK}{kname}\n{src.strip()}\n")
-        kernel_meta.append({"name": kname, "bindings": _bindings(src), "pod": _pod_types(src),
-                            "f16": "enable f16" in src})
+        sources.append(f"{_KERNEL_MARK}{tag}{kname}\n{src.strip()}\n")
+        kernel_meta.append({"id": f"{tag}{kname}", "name": kname, "bindings": _bindings(src),
+                            "pod": _pod_types(src), "f16": "enable f16" in src})
     index = {k: i for i, k in enumerate(planner.used_kernels)}
     for c in planner.calls:
         c["kernel"] = index[c["kernel"]]
-    plan = {"format": PLAN_FORMAT, "num_inputs": num_inputs, "inputs": planner.inputs,
-            "shape_vars": planner.shape_vars, "device_dtypes": _DEVICE_DTYPE, "buffers": planner.buffers,
+    constants = {f"{tag}{k}": v for k, v in planner.constants.items()}
+    for b in planner.buffers:
+        if b["kind"] == "const":
+            b["name"] = f"{tag}{b['name']}"
+    plan = {"inputs": planner.inputs, "shape_vars": planner.shape_vars, "buffers": planner.buffers,
             "kernels": kernel_meta, "calls": planner.calls, "outputs": outputs}
+    log.info("vulkan plan %s: %d kernels, %d calls, %d buffers, %d constants", tag.rstrip("/") or "-",
+             len(kernel_meta), len(planner.calls), len(planner.buffers), len(constants))
+    return plan, sources, constants
+
+
+def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path) -> list[str]:
+    """Compile ``mod`` (the lowered Relax module) and write kernels.wgsl, plan.json (and constants.safetensors
+    when ``main`` holds constants) into ``out_dir``; returns the file names written.
+
+    A model with a KV cache gets two variants: one with batch and sequence fixed to 1 (a decode step:
+    static shapes, so dlight picks GEMV schedules for its matmuls) and the general one; the runtime
+    runs the first whose ``when`` holds.
+    """
+    from tvm import relax, tirx  # noqa: PLC0415
+
+    variants, sources, constants = [], [], {}
+    binding = _decode_binding(mod, num_inputs)
+    specs = [({}, mod)]
+    if binding:
+        bound = relax.transform.BindSymbolicVars({k: tirx.const(v, "int64") for k, v in binding.items()}, "main")
+        specs.insert(0, (binding, bound(mod)))
+    for i, (when, m) in enumerate(specs):
+        plan, srcs, consts = _plan_variant(m, param_names, num_inputs, f"v{i}/")
+        variants.append({"when": when, **plan})
+        sources += srcs
+        constants.update(consts)
+    plan = {"format": PLAN_FORMAT, "num_inputs": num_inputs, "device_dtypes": _DEVICE_DTYPE, "variants": variants}
     out_dir = Path(out_dir)
     (out_dir / "kernels.wgsl").write_text("".join(sources))
     (out_dir / "plan.json").write_text(json.dumps(plan, indent=1))
     files = ["kernels.wgsl", "plan.json"]
-    if planner.constants:
+    if constants:
         from safetensors.numpy import save_file  # noqa: PLC0415
 
-        save_file(planner.constants, str(out_dir / "constants.safetensors"))
+        save_file(constants, str(out_dir / "constants.safetensors"))
         files.append("constants.safetensors")
-    log.info("vulkan plan: %d kernels, %d calls, %d buffers, %d constants", len(kernel_meta), len(planner.calls),
-             len(planner.buffers), len(planner.constants))
     return files
