@@ -69,7 +69,7 @@ def tune_model(model_path: str | Path, opts: CompileOptions, db: str | Path, tri
     kernels = tuning.time_kernels(result.tasks, spec.tvm, db, backend.default_schedule_of, runner=runner,
                                   enter_defaults=set(result.tuned))
     default_ms = tuned_ms = None
-    if time_model:
+    if time_model and result.tasks:  # nothing tunable: both builds would be the same
         with tempfile.TemporaryDirectory(prefix="qcompile-tune-") as tmp:
             plain = compile_model(model_path, Path(tmp) / "default.qcm", replace(opts, tuning_db=None))
             tuned = compile_model(model_path, Path(tmp) / "tuned.qcm", replace(opts, tuning_db=str(db)))

@@ -301,6 +301,8 @@ def time_kernels(tasks: list[TuneTask], tvm_target: dict, db_root: str | Path, d
     import tvm  # noqa: PLC0415
     from tvm.s_tir import meta_schedule as ms  # noqa: PLC0415
 
+    if not tasks:
+        return []
     target = tuning_target(tvm_target)
     db = open_database(db_root, tvm_target)
     builds, slots, traces = [], [], {}
