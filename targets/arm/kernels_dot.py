@@ -27,8 +27,8 @@ from __future__ import annotations
 from tvm.script import tirx as T
 
 from ..x86.kernels import OPAQUE
-from ..x86.kernels_int8 import (MAX_BITS, TILE, codes_from_dot, dot_planes, quantize_activations,
-                                reference_int8_matmul, supports)
+from ..x86.kernels_int8 import (MAX_BITS, TILE, activation_quantizer, codes_from_dot, dot_planes,
+                                quantize_activations, reference_int8_matmul, supports)
 
 __all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "codes_from_dot", "quantize_activations",
            "reference_int8_matmul", "int8_matmul", "INSTRUCTION"]
@@ -87,26 +87,7 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
 
-    @T.macro
-    def quantize_row(x, xq, sx, xs, r):
-        for gi in range(kg):
-            tot = T.alloc_buffer((1,), "float32", scope="global")
-            tot[0] = T.float32(0)
-            for bb in range(bpg):
-                amax = T.alloc_buffer((1,), "float32", scope="global")
-                isum = T.alloc_buffer((1,), "int32", scope="global")
-                amax[0] = T.float32(0)
-                isum[0] = 0
-                for kk in range(32):
-                    amax[0] = T.max(amax[0], T.fabs(x[r, (gi * bpg + bb) * 32 + kk]))
-                sx[r, gi * bpg + bb] = amax[0] / T.float32(127)
-                for kk in range(32):
-                    xq[r, (gi * bpg + bb) * 32 + kk] = T.Cast("int8", T.round(T.if_then_else(
-                        amax[0] > T.float32(0),
-                        x[r, (gi * bpg + bb) * 32 + kk] * (T.float32(127) / amax[0]), T.float32(0))))
-                    isum[0] = isum[0] + T.Cast("int32", xq[r, (gi * bpg + bb) * 32 + kk])
-                tot[0] = tot[0] + T.Cast("float32", isum[0]) * sx[r, gi * bpg + bb]
-            xs[r, gi] = tot[0]
+    quantize_row = activation_quantizer(kg, bpg)  # the x86 kernels' own activation step
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):

@@ -47,7 +47,7 @@ from tvm.script import tirx as T
 from .kernels import OPAQUE
 
 __all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "codes_from_dot", "quantize_activations", "reference_int8_matmul",
-           "int8_matmul"]
+           "int8_matmul", "activation_quantizer"]
 
 TILE = 8  # outputs per tile: the int32 lanes of one AVX2 register
 MAX_BITS = 6
@@ -178,14 +178,10 @@ def _widen(s16):
     return T.call_llvm_pure_intrin("int32x8", "llvm.x86.avx2.pmadd.wd", s16, T.broadcast(T.int16(1), 16))
 
 
-def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
-    code = _decode(planes)
-    nt_, kb_, kg, bpg, rb = n // TILE, k // 32, k // g, g // 32, ROW_BLOCK
-    ch = _chunk(sum(planes))
-    nch = 8 // ch
-    p0 = planes[0]
-    p1 = planes[1] if len(planes) > 1 else planes[0]
-    two = len(planes) > 1
+def activation_quantizer(kg: int, bpg: int):
+    """The kernels' activation step as a TIR macro ``quantize_row(x, xq, sx, xs, r)`` for row ``r``: groups
+    of ``bpg`` blocks of 32, ``kg`` groups (numpy: :func:`quantize_activations`). Shared by every int8
+    dot-product kernel (x86 here, ARM's sdot kernels) so that all quantize activations alike."""
 
     @T.macro
     def quantize_row(x, xq, sx, xs, r):
@@ -207,6 +203,20 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
                     isum[0] = isum[0] + T.Cast("int32", xq[r, (gi * bpg + bb) * 32 + kk])
                 tot[0] = tot[0] + T.Cast("float32", isum[0]) * sx[r, gi * bpg + bb]
             xs[r, gi] = tot[0]
+
+    return quantize_row
+
+
+def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
+    code = _decode(planes)
+    nt_, kb_, kg, bpg, rb = n // TILE, k // 32, k // g, g // 32, ROW_BLOCK
+    ch = _chunk(sum(planes))
+    nch = 8 // ch
+    p0 = planes[0]
+    p1 = planes[1] if len(planes) > 1 else planes[0]
+    two = len(planes) > 1
+
+    quantize_row = activation_quantizer(kg, bpg)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
