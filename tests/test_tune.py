@@ -135,3 +135,11 @@ def test_compile_with_missing_db_is_an_error(tmp_path):
     save(static_convnet(), tmp_path / "m.onnx")
     with pytest.raises(QCompileError, match="--db"):
         compile_model(tmp_path / "m.onnx", tmp_path / "m.qcm", CompileOptions(bpw=16, tuning_db=str(tmp_path / "no")))
+
+
+def test_cli_tracker_needs_a_key(tmp_path):
+    save(static_mlp(), tmp_path / "m.onnx")
+    r = subprocess.run([sys.executable, "-m", "qcompile.compiler.cli", "tune", tmp_path / "m.onnx",
+                        "--tracker", "127.0.0.1:9190", "--db", tmp_path / "db"], capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and "--tracker and --key go together" in r.stderr
