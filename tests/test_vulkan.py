@@ -131,6 +131,48 @@ def test_attention_block_int64_ids(tmp_path, bpw):
         np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5 * np.abs(ref).max())
 
 
+KV_TEXT = """
+<ir_version: 8, opset_import: ["" : 17]>
+kv (int64[batch, seq] ids, float[batch, past, 64] past_h) => (float[batch, seq, 32] y, float[batch, total, 64] present_h) {
+    e = Gather(E, ids)
+    present_h = Concat<axis=1>(past_h, e)
+    kt = Transpose<perm=[0,2,1]>(present_h)
+    s = MatMul(e, kt)
+    p = Softmax<axis=-1>(s)
+    a = MatMul(p, present_h)
+    y = MatMul(a, Wo)
+}
+"""
+
+
+@needs_device
+def test_kv_cache_model_has_a_decode_variant(tmp_path):
+    """A model with a past input gets a batch = sequence = 1 plan (static M: GEMV schedules) beside the
+    general one; prefill and decode steps both match the x86 build."""
+    model = onnx.parser.parse_model(KV_TEXT)
+    rng = np.random.default_rng(3)
+    for name, shape in {"E": (100, 64), "Wo": (64, 32)}.items():
+        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    path = save(model, tmp_path / "kv.onnx")
+    opts = dict(bpw=9, overrides=[("^Wo$", "q4g32")], min_weights=2048, int8_dot=False)
+    art = compile_model(path, tmp_path / "kv.qcm", CompileOptions(target="vulkan", **opts)).path
+    plan = json.loads((art / "plan.json").read_text())
+    assert [v["when"] for v in plan["variants"]] == [{"batch": 1, "seq": 1}, {}]
+    assert [t["name"] for t in json.loads((art / "manifest.json").read_text())["tensors"]] == ["Wo"]
+    sess = load(art)
+    ref = load(compile_model(path, tmp_path / "x.qcm", CompileOptions(target="x86", **opts)).path)
+    past = np.zeros((1, 0, 64), np.float32)
+    for ids in ([[5, 17, 42]], [[7]], [[9]]):  # prefill, then two decode steps
+        feeds = {"ids": np.array(ids, np.int64), "past_h": past}
+        y, present = sess.run(None, feeds)
+        y86, present86 = ref.run(None, feeds)
+        np.testing.assert_allclose(y, y86, rtol=1e-4, atol=1e-5 * np.abs(y86).max())
+        np.testing.assert_array_equal(present, present86)
+        past = present
+    # the prefill ran the general plan, the decode steps the specialized one
+    assert sorted(tuple(p.variant.when) for p in sess._programs.values()) == [(), ("batch", "seq"), ("batch", "seq")]
+
+
 def test_plan_expressions():
     env = {"batch": 7, "sequence": 3}
     assert compile_expr("(((batch) + 31) // 32)")(env) == 1
