@@ -96,8 +96,8 @@ def test_dequant_matmul_unscheduled_is_generic():
     f = kernels.dequant_matmul(WeightFormat(3, 64), 256, 48)
     text = f.script()
     assert "dequantize" in text and "matmul" in text and "thread_binding" not in text
-    assert "(m, 256)" in text  # symbolic M
-    assert "(1, 256)" in kernels.dequant_matmul(WeightFormat(4, 128), 256, 48, rows=1).script()
+    assert "(m, T.int64(256))" in text  # symbolic M; every dim int64 (dlight rejects mixed index dtypes)
+    assert "(T.int64(1), T.int64(256))" in kernels.dequant_matmul(WeightFormat(4, 128), 256, 48, rows=1).script()
 
 
 # -- the artifact -----------------------------------------------------------------------------------
@@ -152,6 +152,20 @@ def test_artifact_weights_are_the_x86_weights(cuda_artifact):
     assert sorted(ours) == sorted(theirs)
     for name in ours:
         np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_dlight_path_builds(cuda_artifact, tmp_path):
+    """The target-generic lowering (unscheduled quantized matmul, dlight schedules it: the WebGPU
+    target's path) builds for CUDA with a symbolic batch (no FuseTIR or dlight index-dtype failure)."""
+    from qcompile.targets.cuda.build import BuiltSources, build_library
+    from qcompile.targets.cuda.lower import lower_to_relax
+
+    _, cuda, _ = cuda_artifact
+    lowered = lower_to_relax(cuda.quantized_model, scheduled=False)
+    assert lowered.kernels == {"dequant_matmul": 3}
+    sink = BuiltSources()
+    build_library(lowered.mod, {"kind": "cuda", "arch": "sm_90"}, str(tmp_path / "m.so"), sink)
+    assert any("qmatmul_q" in src for src in sink.sources)
 
 
 def test_runtime_refuses_cuda_artifact_without_gpu(cuda_artifact):

@@ -58,14 +58,17 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
     planes, g = fmt.planes, fmt.group_size
     if k % g:
         raise ValueError(f"dequant_matmul: K={k} must divide by group {g}")
-    m = tirx.Var("m", "int64") if rows is None else rows
-    x = te.placeholder((m, k), "float32", name="x")
+    # every dim int64, like the symbolic M that Relax passes: dlight's Matmul rule rejects index maps
+    # that mix int32 and int64 ("Buffer index 512 has dtype int32 ... int64", TVM 0.27)
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    m = tirx.Var("m", "int64") if rows is None else i64(rows)
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
-    w0 = te.placeholder((n, k * p0 // 32), "uint32", name="w0")
-    w1 = te.placeholder((n, k * p1 // 32), "uint32", name="w1")
-    s = te.placeholder((n, k // g), "float16", name="s")
-    z = te.placeholder((n, k // g), "float16", name="z")
+    x = te.placeholder((m, i64(k)), "float32", name="x")
+    w0 = te.placeholder((i64(n), i64(k * p0 // 32)), "uint32", name="w0")
+    w1 = te.placeholder((i64(n), i64(k * p1 // 32)), "uint32", name="w1")
+    s = te.placeholder((i64(n), i64(k // g)), "float16", name="s")
+    z = te.placeholder((i64(n), i64(k // g)), "float16", name="z")
     ws = (w0, w1)[: len(planes)]
 
     def code(nn, kk):
@@ -79,11 +82,13 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
             shift += pb
         return expr
 
-    wd = te.compute((n, k), lambda nn, kk: code(nn, kk).astype("float32") * s[nn, kk // g].astype("float32")
+    wd = te.compute((i64(n), i64(k)), lambda nn, kk: code(nn, kk).astype("float32") * s[nn, kk // g].astype("float32")
                     + z[nn, kk // g].astype("float32"), name="dequantize")
-    r = te.reduce_axis((0, k), name="k")
-    y = te.compute((m, n), lambda i, j: te.sum(x[i, r] * wd[j, r], axis=r), name="matmul")
-    return te.create_prim_func([x, w0, w1, s, z, y]).without_attr("global_symbol")
+    r = te.reduce_axis((i64(0), i64(k)), name="k")
+    y = te.compute((m, i64(n)), lambda i, j: te.sum(x[i, r] * wd[j, r], axis=r), name="matmul")
+    # opaque: FuseOps would fuse the epilogue (bias, activation) into it and FuseTIR then fails on the
+    # symbolic-M buffers ("Inconsistent buffers matmul and lv mapped to the same relax var", TVM 0.27)
+    return te.create_prim_func([x, w0, w1, s, z, y]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
 
 
 class GemvConfig:
