@@ -1,6 +1,7 @@
 """The whole GPU check: correctness and speed of the CUDA target, in one call on the GPU machine.
 
-Two steps, because the GPU machine carries the TVM runtime only (no compiler):
+Two steps, because the GPU machine carries the TVM runtime only (no compiler); bench/gpu/prepare_carry.sh
+prepares what travels (.gpu/: runtime-only tvm, the cp312 tvm_ffi wheel, this build) and shows the run:
 
     # on the build machine (TVM compiler + nvcc): kernels, artifacts and CPU references into DIR
     python -m bench.gpu.gpu_check build --dir .gpu/build

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Prepare .gpu/ (git-ignored through .git/info/exclude) for bench/gpu/gpu_check.py on the GPU machine:
+#   .gpu/site/tvm   the installed tvm package without the compiler library, sources, headers, 3rdparty (16 MB)
+#   .gpu/whl        the apache-tvm-ffi wheel for the GPU machine's Python 3.12
+#   .gpu/build      kernels, artifacts and CPU references (gpu_check build)
+# then run there (device tool, carry [".gpu"]):
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl &&
+#   mkdir -p /tmp/q/qcompile && for d in runtime passes targets compiler; do ln -s $PWD/$d /tmp/q/qcompile/$d; done &&
+#   PYTHONPATH=/tmp/site:$PWD/.gpu/site:/tmp/q:$PWD TVM_USE_RUNTIME_LIB=1 python3 -m bench.gpu.gpu_check run \
+#       --dir .gpu/build --json $OUT/gpu.json          (then copy $OUT/gpu.json to bench/results/gpu.json)
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+mkdir -p .git/info && (grep -qx '/.gpu/' .git/info/exclude 2>/dev/null || echo '/.gpu/' >> .git/info/exclude)
+tvm_dir=$(python3 -c "import os, tvm; print(os.path.dirname(tvm.__file__))")
+rm -rf .gpu/site && mkdir -p .gpu/site .gpu/whl
+tar -C "$(dirname "$tvm_dir")" --exclude=tvm/lib/libtvm_compiler.so --exclude=tvm/3rdparty --exclude=tvm/src \
+    --exclude=tvm/include --exclude=tvm/web --exclude=__pycache__ -cf - tvm | tar -C .gpu/site -xf -
+ffi=$(python3 -c "import importlib.metadata as m; print(m.version('apache-tvm-ffi'))")
+ls .gpu/whl/apache_tvm_ffi-"$ffi"-cp312-*.whl >/dev/null 2>&1 || python3 -m pip download -q --no-deps --only-binary=:all: \
+    --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 \
+    --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .gpu/whl "apache-tvm-ffi==$ffi"
+python3 -m bench.gpu.gpu_check build --dir .gpu/build
+du -sh .gpu
