@@ -481,6 +481,11 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     backend = make_backend(spec, BackendOptions(int8_dot=opts.int8_dot,
                                                 tuning_db=None if opts.tuning_db is None else str(opts.tuning_db)))
     lowered, interface, fusion, cache = lower_model(q, backend, opts)
+    if spec.device == "cuda" and is_decoder(interface):  # greedy tokens chosen on the GPU (runtime.generate)
+        from qcompile.targets.cuda.sampling import add_greedy  # noqa: PLC0415
+
+        vocab = interface.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
+        lowered.mod = add_greedy(lowered.mod, vocab)
     seconds["lower"] = time.perf_counter() - t0
 
     manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,

@@ -8,7 +8,9 @@ A decoder artifact has the interface of :mod:`qcompile.compiler.frontends.decode
 
 The cache stays on the device between steps: each step's ``present`` tensors are passed back as the
 next ``past`` without a copy to numpy; only the last position's logits come to the host, where the
-next token is chosen (numba: greedy, temperature, top-k, top-p).
+next token is chosen (numba: greedy, temperature, top-k, top-p).  A module with a ``greedy`` function
+(decoders compiled for CUDA: :mod:`qcompile.targets.cuda.sampling`) chooses greedy tokens on the
+device: then one int32 per step comes to the host, and the token id goes back as the next input.
 
 An artifact whose attention was fused with an in-place cache (``manifest["kv_cache"]``, see
 :mod:`qcompile.passes.fuse_attention`) takes preallocated buffers instead:
@@ -130,6 +132,13 @@ class Generator:
         if presents != expect:
             raise QCompileError(f"{session.path}: outputs {presents} do not mirror the past inputs {expect}")
         self.stats = GenerationStats()
+        device_function = getattr(session, "device_function", None)
+        self._greedy = device_function("greedy") if device_function is not None else None
+
+    @property
+    def device_greedy(self) -> bool:
+        """Whether greedy tokens are chosen on the device (only the token id comes to the host)."""
+        return self._greedy is not None
 
     def _empty_past(self, batch: int) -> list:
         arrays = []
@@ -192,8 +201,11 @@ class Generator:
         for step in range(max_new_tokens):
             outs = s.run_device(self._args(ids, cache, past_len))
             past_len += ids.shape[1]
-            logits = outs[0].numpy()[0, -1]
-            token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, float(rng.random()))
+            if self._greedy is not None and sampling.temperature <= 0:
+                token = int(self._greedy(outs[0]).numpy()[0])  # 4 bytes to the host, not the logits
+            else:
+                logits = outs[0].numpy()[0, -1]
+                token = sample(logits, sampling.temperature, sampling.top_k, sampling.top_p, float(rng.random()))
             if not self.kv_cache:
                 cache = outs[1:]  # (with the in-place cache, outs[1:] are the same buffers)
             now = time.perf_counter()

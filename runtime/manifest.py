@@ -28,6 +28,7 @@ __all__ = [
     "sha256_file",
     "read_manifest",
     "verify_files",
+    "param_specs",
 ]
 
 FORMAT_VERSION = 1
@@ -76,12 +77,15 @@ def read_manifest(path: str | Path) -> dict:
     return manifest
 
 
-def verify_files(root: str | Path, manifest: dict) -> None:
-    """Check every file the manifest lists against its sha256 (before any library is loaded)."""
+def verify_files(root: str | Path, manifest: dict, skip: tuple[str, ...] = ()) -> None:
+    """Check every file the manifest lists against its sha256 (before any library is loaded); the files
+    in ``skip`` (e.g. PARAMS when the caller supplies the parameters itself) need not be there."""
     root = Path(root)
     for name, digest in manifest["files"].items():
         if "/" in name or name.startswith("."):
             raise ArtifactError(f"{root}: manifest names an unsafe file path {name!r}")
+        if name in skip:
+            continue
         fpath = root / name
         if not fpath.is_file():
             raise ArtifactError(f"{root}: file {name} listed in the manifest is missing")
@@ -91,3 +95,19 @@ def verify_files(root: str | Path, manifest: dict) -> None:
                 f"{root}: {name} does not match its manifest hash (expected sha256 {digest[:16]}…, "
                 f"found {actual[:16]}…); the artifact was modified or damaged, recompile it"
             )
+
+
+def param_specs(path: str | Path) -> dict[str, dict]:
+    """Name -> {"dtype": numpy dtype name, "shape": [...]} of every tensor of a safetensors file, read from
+    its header alone (8-byte little-endian length, then JSON): what a runtime given generated parameters
+    (``Session(..., params=)``) must be given."""
+    import struct  # noqa: PLC0415
+
+    dtypes = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+              "I32": "int32", "I16": "int16", "I8": "int8", "U64": "uint64", "U32": "uint32", "U16": "uint16",
+              "U8": "uint8", "BOOL": "bool"}
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    return {name: {"dtype": dtypes[info["dtype"]], "shape": list(info["shape"])}
+            for name, info in header.items() if name != "__metadata__"}

@@ -160,14 +160,19 @@ def _check_cuda_arch(root: Path, tvm, target: dict) -> None:
 
 
 class Session:
-    """A loaded artifact.  ``run(output_names, feeds)`` returns a list of numpy arrays."""
+    """A loaded artifact.  ``run(output_names, feeds)`` returns a list of numpy arrays.
 
-    def __init__(self, path: str | Path):
+    ``params``: arrays (name -> numpy) to use instead of ``params.safetensors``, which then need not be
+    there (benchmarks with generated weights: the code, ``module.so``, is still checked against its hash);
+    they must have the names, shapes and dtypes of the artifact's parameters (:func:`param_specs`).
+    """
+
+    def __init__(self, path: str | Path, params: dict | None = None):
         root = Path(path)
         self.path = root
         self.manifest = read_manifest(root)
         _check_target(root, self.manifest["target"])
-        verify_files(root, self.manifest)
+        verify_files(root, self.manifest, skip=(PARAMS,) if params is not None else ())
         for required in (MODULE, PARAMS):
             if required not in self.manifest["files"]:
                 raise ArtifactError(f"{root}: manifest lists no {required}")
@@ -182,7 +187,7 @@ class Session:
         lib = self._load_library(tvm, root / MODULE, self.manifest["files"][MODULE])
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
-        self._params = self._load_params(root / PARAMS)
+        self._params = self._load_params(root / PARAMS, params)
         # the params as main's trailing arguments: one tuple (manifest "params_as_tuple") or one by one
         if self.manifest.get("params_as_tuple"):
             import tvm_ffi  # noqa: PLC0415  (TVM's own FFI package: an Array of tensors is one argument)
@@ -214,14 +219,15 @@ class Session:
                 raise ArtifactError(f"{path}: the private copy does not match its hash")
             return tvm.runtime.load_module(str(private))
 
-    def _load_params(self, path: Path) -> list:
+    def _load_params(self, path: Path, given: dict | None = None) -> list:
         from safetensors.numpy import load_file  # noqa: PLC0415
 
-        arrays = load_file(str(path))
+        arrays = load_file(str(path)) if given is None else given
         names = self.manifest["params"]
         missing = [n for n in names if n not in arrays]
         if missing:
-            raise ArtifactError(f"{self.path}: {PARAMS} lacks parameters {missing[:5]}")
+            raise ArtifactError(f"{self.path}: {PARAMS if given is None else 'the given params'} lack "
+                                f"parameters {missing[:5]}")
         # tvm.runtime.tensor copies into a 64-byte aligned buffer owned by TVM (on the session's device)
         return [self._tvm.runtime.tensor(np.ascontiguousarray(arrays[n]), self._dev) for n in names]
 
@@ -266,6 +272,14 @@ class Session:
             raise QCompileError(f"{self.path}: expected {len(self.inputs)} inputs, got {len(args)}")
         result = self._main(*args, *self._param_args)
         return [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
+
+    def device_function(self, name: str):
+        """The module's function ``name`` besides ``main`` (e.g. ``greedy``, the token choice on the
+        device of a decoder compiled for a GPU), or None if the module has none."""
+        try:
+            return self._vm[name]
+        except Exception:  # noqa: BLE001  (the module raises its own error type for a missing name)
+            return None
 
     def tokenizer(self):
         """The artifact's ``tokenizers.Tokenizer`` (from its tokenizer.json), or None if it has none."""

@@ -234,16 +234,20 @@ def _storage_usage():
 
 
 class Session:
-    """A loaded Vulkan artifact: ``run(output_names, feeds)`` returns a list of numpy arrays."""
+    """A loaded Vulkan artifact: ``run(output_names, feeds)`` returns a list of numpy arrays.
 
-    def __init__(self, path: str | Path, device=None):
+    ``params``: arrays (name -> numpy) to use instead of ``params.safetensors``, which then need not be
+    there (benchmarks with generated weights), with the names, shapes and dtypes of the artifact's.
+    """
+
+    def __init__(self, path: str | Path, device=None, params: dict | None = None):
         root = Path(path)
         self.path = root
         self.manifest = read_manifest(root)
         device_kind = self.manifest["target"].get("device")
         if device_kind != "vulkan":
             raise ArtifactError(f"{root}: compiled for device {device_kind!r}, not 'vulkan'")
-        verify_files(root, self.manifest)
+        verify_files(root, self.manifest, skip=(PARAMS,) if params is not None else ())
         for required in required_files("vulkan"):
             if required not in self.manifest["files"]:
                 raise ArtifactError(f"{root}: manifest lists no {required}")
@@ -262,7 +266,7 @@ class Session:
         sources = _split_sources((root / KERNELS_WGSL).read_text())
         self.variants = [_Variant(self, v, sources) for v in plan["variants"]]
         self.input_specs = plan["variants"][-1]["inputs"]  # the general variant binds the symbolic dims
-        self.fixed = self._upload_fixed(root)
+        self.fixed = self._upload_fixed(root, params)
         self._programs: OrderedDict = OrderedDict()
         log.info("loaded %s: %d plan variants, %d kernels, %d parameter buffers", root, len(self.variants),
                  len(kernels), len(self.fixed))
@@ -275,10 +279,10 @@ class Session:
             f = self._exprs[text] = compile_expr(text)
         return int(f(env))
 
-    def _upload_fixed(self, root: Path) -> dict:
+    def _upload_fixed(self, root: Path, given: dict | None = None) -> dict:
         from safetensors.numpy import load_file  # noqa: PLC0415
 
-        arrays = load_file(str(root / PARAMS))
+        arrays = dict(load_file(str(root / PARAMS)) if given is None else given)
         if "constants.safetensors" in self.manifest["files"]:
             arrays.update(load_file(str(root / "constants.safetensors")))
         out = {}
@@ -475,7 +479,7 @@ def _padded(a: np.ndarray) -> bytes:
     return data + b"\0" * (-len(data) % 16 or (16 if not data else 0))
 
 
-def load(path: str | Path, device=None) -> Session:
+def load(path: str | Path, device=None, params: dict | None = None) -> Session:
     """Load the Vulkan artifact at ``path`` (a ``.qcm`` directory)."""
-    return Session(path, device)
+    return Session(path, device, params)
 

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["build_plan", "relax_pipeline", "PLAN_FORMAT"]
+__all__ = ["build_plan", "relax_pipeline", "with_gemv_kernels", "PLAN_FORMAT"]
 
 log = logging.getLogger(__name__)
 
@@ -384,6 +384,28 @@ def _plan_variant(mod, param_names: list[str], num_inputs: int, tag: str):
     return plan, sources, constants
 
 
+def with_gemv_kernels(mod):
+    """``mod`` with each quantized matmul (a PrimFunc tagged ``QMATMUL_ATTR`` by .lower) replaced by the
+    hand-scheduled :func:`.kernels.gemv` of the same format and shape: for the decode-step variant,
+    where M = 1 but the kernels were made for a symbolic M (dlight would give them a tiled matmul)."""
+    from tvm import tirx  # noqa: PLC0415
+
+    from qcompile.passes.formats import PRESETS  # noqa: PLC0415
+
+    from . import kernels  # noqa: PLC0415
+
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    swapped = 0
+    for gv, f in list(mod.functions.items()):
+        attr = f.attrs.get(kernels.QMATMUL_ATTR) if isinstance(f, tirx.PrimFunc) and f.attrs else None
+        if attr is None or str(attr[0]) not in PRESETS:
+            continue
+        mod[gv] = kernels.gemv(PRESETS[str(attr[0])], int(attr[1]), int(attr[2]))
+        swapped += 1
+    log.info("decode-step plan: %d quantized matmuls as GEMV kernels", swapped)
+    return mod
+
+
 def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path) -> list[str]:
     """Compile ``mod`` (the lowered Relax module) and write kernels.wgsl, plan.json (and constants.safetensors
     when ``main`` holds constants) into ``out_dir``; returns the file names written.
@@ -399,7 +421,7 @@ def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path
     specs = [({}, mod)]
     if binding:
         bound = relax.transform.BindSymbolicVars({k: tirx.const(v, "int64") for k, v in binding.items()}, "main")
-        specs.insert(0, (binding, bound(mod)))
+        specs.insert(0, (binding, with_gemv_kernels(bound(mod))))
     for i, (when, m) in enumerate(specs):
         plan, srcs, consts = _plan_variant(m, param_names, num_inputs, f"v{i}/")
         variants.append({"when": when, **plan})

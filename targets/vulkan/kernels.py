@@ -6,6 +6,15 @@ of width ``pb`` a uint32 array [N, K*pb/32], code ``k`` of a row at bit ``pb*k %
 
 The same definition as the CUDA target's ``dequant_matmul`` (same arguments): to be merged into one
 generic GPU kernel module.
+
+:func:`gemv` is the same function scheduled by hand for small M (decode steps), for what TVM's WebGPU
+codegen can express: no warp shuffles (the reduction goes through workgroup memory), 32-bit integers.
+A workgroup owns ``rows`` output channels; its ``threads`` invocations split K in chunks of 32 codes
+(one group's worth at most: ``pb`` consecutive words of a ``pb``-bit plane, read together), each chunk's
+32 x values loaded once and reused by the rows.  A code becomes a float without a conversion
+instruction: ``bitcast<f32>(code | 0x4B000000) - 2**23 == code`` (codes < 2**23)::
+
+    y[m, n] = sum_chunks  s[n, g(c)] * sum_{k in c} code[n, k] * x[m, k]  +  z[n, g(c)] * sum_{k in c} x[m, k]
 """
 
 from __future__ import annotations
@@ -17,9 +26,11 @@ import numpy as np
 if TYPE_CHECKING:
     from qcompile.passes.formats import WeightFormat
 
-__all__ = ["dequant_matmul", "im2col", "reference_matmul"]
+__all__ = ["dequant_matmul", "gemv", "GemvConfig", "im2col", "reference_matmul", "QMATMUL_ATTR"]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque: FuseOps leaves the kernel alone (FuseTIR cannot merge its buffers)
+QMATMUL_ATTR = "qcompile.qmatmul"  # PrimFunc attribute [format name, K, N] of a quantized matmul kernel
+CHUNK = 32  # codes per chunk of :func:`gemv` (format groups are multiples of it)
 
 
 def reference_matmul(x: np.ndarray, w_deq: np.ndarray) -> np.ndarray:
@@ -68,6 +79,114 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, m: int | None = None):
     r = te.reduce_axis((i64(0), i64(k)), name="k")
     y = te.compute((m, i64(n)), lambda i, j: te.sum(x[i, r] * wd[j, r], axis=r), name="matmul")
     return te.create_prim_func([x, w0, w1, s, z, y]).without_attr("global_symbol").with_attr("op_pattern", OPAQUE)
+
+
+class GemvConfig:
+    """Launch shape of :func:`gemv`: ``rows`` output channels per workgroup of ``threads`` invocations."""
+
+    def __init__(self, rows: int = 8, threads: int = 64):
+        if threads & (threads - 1) or threads < rows:
+            raise ValueError(f"gemv: threads={threads} must be a power of two >= rows={rows}")
+        self.rows, self.threads = rows, threads
+
+    def __repr__(self) -> str:
+        return f"GemvConfig(rows={self.rows}, threads={self.threads})"
+
+
+def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
+    """Scheduled WebGPU TIR ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T``, M symbolic (one workgroup row
+    per row of x: for small M).  Same arguments and numpy equivalent as :func:`dequant_matmul`; see the
+    module docstring for the schedule."""
+    from tvm.script import tirx as T  # noqa: PLC0415
+
+    planes, g = tuple(fmt.planes), fmt.group_size
+    if k % g or g % CHUNK:
+        raise ValueError(f"gemv: K={k} must divide by the group {g}, a multiple of {CHUNK}")
+    cfg = config or GemvConfig()
+    rows, threads = cfg.rows, cfg.threads
+    two = len(planes) > 1
+    p0, p1 = planes[0], planes[-1]
+    v0, v1 = CHUNK * p0 // 32, CHUNK * p1 // 32  # words of each plane per chunk
+    q0, q1 = min(v0, 4), min(v1, 4)  # words per vector load
+    chunks = k // CHUNK
+    steps = (chunks + threads - 1) // threads
+    blocks = (n + rows - 1) // rows
+    kg = k // g
+    levels = threads.bit_length() - 1
+
+    def code(a0, a1, r, i):
+        """Code ``i`` of the chunk (words in ``a0``/``a1``) as float32, exactly."""
+        c = T.bitwise_and(T.shift_right(a0[r, (i * p0) // 32], T.Cast("uint32", (i * p0) % 32)), T.uint32((1 << p0) - 1))
+        if two:
+            hi = T.bitwise_and(T.shift_right(a1[r, (i * p1) // 32], T.Cast("uint32", (i * p1) % 32)),
+                               T.uint32((1 << p1) - 1))
+            c = T.bitwise_or(c, T.shift_left(hi, T.uint32(p0)))
+        return T.reinterpret("float32", T.bitwise_or(c, T.uint32(0x4B000000))) - T.float32(8388608.0)
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        w0 = T.match_buffer(w0_h, (n, k * p0 // 32), "uint32")
+        w1 = T.match_buffer(w1_h, (n, k * p1 // 32), "uint32")
+        s = T.match_buffer(s_h, (n, kg), "float16")
+        z = T.match_buffer(z_h, (n, kg), "float16")
+        y = T.match_buffer(y_h, (m, n), "float32")
+        for mb in T.thread_binding(m, thread="blockIdx.y"):
+            for nb in T.thread_binding(blocks, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    red = T.alloc_buffer((2, rows, threads), "float32", scope="shared")
+                    acc = T.alloc_buffer((rows,), "float32", scope="local")
+                    xv = T.alloc_buffer((CHUNK,), "float32", scope="local")
+                    a0 = T.alloc_buffer((rows, v0), "uint32", scope="local")
+                    a1 = T.alloc_buffer((rows, v1), "uint32", scope="local")
+                    xs = T.alloc_buffer((1,), "float32", scope="local")
+                    dot = T.alloc_buffer((2,), "float32", scope="local")
+                    for r in T.unroll(rows):
+                        acc[r] = T.float32(0)
+                    for st in range(steps):
+                        if st * threads + tx < chunks:
+                            for r in T.unroll(rows):
+                                if nb * rows + r < n:
+                                    for j0 in T.unroll(v0 // q0):  # WGSL vectors have at most 4 lanes
+                                        for j1 in T.vectorized(q0):
+                                            a0[r, j0 * q0 + j1] = w0[nb * rows + r, (st * threads + tx) * v0 + j0 * q0 + j1]
+                                    if two:
+                                        for j0 in T.unroll(v1 // q1):
+                                            for j1 in T.vectorized(q1):
+                                                a1[r, j0 * q1 + j1] = w1[nb * rows + r,
+                                                                         (st * threads + tx) * v1 + j0 * q1 + j1]
+                            for i0 in T.unroll(CHUNK // 4):
+                                for i1 in T.vectorized(4):
+                                    xv[i0 * 4 + i1] = x[mb, (st * threads + tx) * CHUNK + i0 * 4 + i1]
+                            xs[0] = T.float32(0)
+                            for i in T.unroll(CHUNK):
+                                xs[0] = xs[0] + xv[i]
+                            for r in T.unroll(rows):
+                                if nb * rows + r < n:
+                                    dot[0] = T.float32(0)
+                                    dot[1] = T.float32(0)
+                                    for i in T.unroll(CHUNK):
+                                        dot[i % 2] = dot[i % 2] + code(a0, a1, r, i) * xv[i]
+                                    acc[r] = acc[r] + T.Cast("float32", s[nb * rows + r, (st * threads + tx) * CHUNK // g]) \
+                                        * (dot[0] + dot[1]) + T.Cast(
+                                            "float32", z[nb * rows + r, (st * threads + tx) * CHUNK // g]) * xs[0]
+                    # tree reduction ping-ponging between two halves of ``red`` (no conditional writes:
+                    # a barrier may not sit under a condition); entries [r, tx >= half] are don't-cares
+                    for r in T.unroll(rows):
+                        red[0, r, tx] = acc[r]
+                    T.tvm_storage_sync("shared")
+                    for lv in T.unroll(levels):
+                        for r in T.unroll(rows):
+                            red[(lv + 1) % 2, r, tx] = red[lv % 2, r, tx] + red[
+                                lv % 2, r, (tx + T.shift_right(threads, lv + 1)) % threads]
+                        T.tvm_storage_sync("shared")
+                    if tx < rows:
+                        if nb * rows + tx < n:
+                            y[mb, nb * rows + tx] = red[levels % 2, tx, 0]
+
+    return kernel
 
 
 def im2col(c: int, h: int, w: int, ks, st, pads, dil):

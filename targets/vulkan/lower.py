@@ -49,7 +49,9 @@ class _GpuEmitter:
 
         static_m = int(m) if isinstance(m, int) or type(m).__name__ == "IntImm" else None
         key = ("qmatmul", fmt.name, k, n) + ((f"m{static_m}",) if static_m is not None else ())
-        gv = self.kernel(bb, key, lambda: kernels.dequant_matmul(fmt, k, n, static_m))
+        # tagged with its format and shape: the decode-step plan swaps in the GEMV kernel (build.py)
+        gv = self.kernel(bb, key, lambda: kernels.dequant_matmul(fmt, k, n, static_m).with_attr(
+            kernels.QMATMUL_ATTR, [fmt.name, k, n]))
         self.counts["dequant_matmul"] = self.counts.get("dequant_matmul", 0) + 1
         w0 = planes[0]
         w1 = planes[1] if planes[1] is not None else w0
