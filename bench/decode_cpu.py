@@ -17,8 +17,9 @@ and the same thread count:
 
 bpw counts every stored bit of all linear weights, the output head included (211 tensors; llama.cpp's
 tied embedding serves as its head and is counted as such). Prefill tok/s = prompt tokens / time of the
-prompt's forward pass; decode tok/s = (new tokens - 1) / time of the single-token steps; the best of
-``--repeats`` runs. The float qcompile build's greedy tokens are checked against transformers'.
+prompt's forward pass; decode tok/s = (new tokens - 1) / time of the single-token steps. All systems are
+loaded first, then ``--repeats`` rounds go round all of them in turn (a burst of other load on a shared
+machine hits every system alike) and each row keeps its best round. The float qcompile build's greedy tokens are checked against transformers'.
 
 Results: ``bench/results/decode_cpu.json`` (``--quick``: a smoke test, no JSON unless ``--out``).
 """
@@ -70,8 +71,8 @@ def qcompile_builds(gguf: Path, work: Path, quick: bool) -> list[tuple[str, floa
             ("4.25 bpw self-calibrated", 4.25, selfcal)]
 
 
-def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tuple[Path, dict, float]]:
-    """Compile every build (or reuse ``work``'s artifacts): variant -> (artifact, manifest, compile s)."""
+def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tuple[Path, dict, str]]:
+    """Compile every build (or reuse ``work``'s artifacts): variant -> (artifact, manifest, compile time)."""
     from qcompile.compiler.driver import CompileOptions, compile_model
 
     out = {}
@@ -79,45 +80,69 @@ def build_qcompile(gguf: Path, work: Path, builds, reuse: bool) -> dict[str, tup
         path = work / f"smollm2-{variant.replace(' ', '-')}.qcm"
         stamp = path / "build.json"
         if reuse and stamp.is_file():
-            seconds = json.loads(stamp.read_text())["compile_s"]
+            built = json.loads(stamp.read_text())
             log.info("reusing %s", path)
         else:
+            workdir = kw.get("workdir")
+            warm = bool(workdir) and Path(workdir).is_dir() and any(Path(workdir).iterdir())
             t0 = time.perf_counter()
             compile_model(gguf, path, CompileOptions(bpw=bpw, **kw))
-            seconds = time.perf_counter() - t0
-            stamp.write_text(json.dumps({"compile_s": seconds}))  # not in the manifest's hashed files
+            built = {"compile_s": time.perf_counter() - t0, "warm_workdir": warm}
+            stamp.write_text(json.dumps(built))  # not in the manifest's hashed files
+        seconds = f"{built['compile_s']:.0f} s" + (" (reusing an earlier compile's calibration and sensitivity "
+                                                   "caches in its --workdir)" if built.get("warm_workdir") else "")
         out[variant] = (path, json.loads((path / "manifest.json").read_text()), seconds)
     return out
 
 
-def qcompile_rows(built, prompt: list[int], new: int, repeats: int, check_ref):
+class _Runner:
+    """One system's row: ``measure()`` runs the prompt and the decode steps once -> (prefill, decode) tok/s.
+
+    Every runner is opened first and the rounds then go round all of them (``repeats`` times), so a
+    burst of other load on this shared machine hits every system alike; each row keeps its best round.
+    """
+
+    def __init__(self, system: str, variant: str, bpw: float, note: str, measure):
+        self.system, self.variant, self.bpw, self.note, self.measure = system, variant, bpw, note, measure
+        self.best_p = self.best_d = 0.0
+
+    def round(self) -> None:
+        p, d = self.measure()
+        self.best_p, self.best_d = max(self.best_p, p), max(self.best_d, d)
+        log.info("round: %-12s %-26s prefill %8.1f decode %7.1f tok/s", self.system, self.variant, p, d)
+
+    def row(self) -> dict:
+        return _row(self.system, self.variant, self.bpw, self.best_p, self.best_d, self.note)
+
+
+def qcompile_runners(built, prompt: list[int], new: int, check_ref) -> list[_Runner]:
     import qcompile.runtime as rt
 
-    rows = []
+    runners = []
     for variant, (path, manifest, compile_s) in built.items():
         float_weights = variant == "float"
         achieved = 32.0 if float_weights else manifest["bpw"]["achieved"]
         session = rt.load(path)
-        best_p, best_d, tokens = 0.0, 0.0, None
-        for _ in range(repeats):
-            tokens = session.generate(prompt, new)
-            st = session.generator().stats
-            best_p, best_d = max(best_p, st.prefill_tok_s), max(best_d, st.decode_tok_s)
         how = {"self": "on 32 x 128 tokens of text the float model sampled itself (the CLI's default for "
                        "decoders): GPTQ, AWQ, sensitivity",
                None: "without calibration (--calib none: RTN measured allocation, the head at >= the average bpw)"}
         calib = manifest.get("calibration")
-        note = f"compiled in {compile_s:.0f} s " + how.get(calib, f"calibrated on {calib}")
+        note = f"compiled in {compile_s} " + how.get(calib, f"calibrated on {calib}")
         if float_weights:
-            ref = check_ref(new)
-            note = f"float weights; greedy tokens {'match' if tokens == ref else 'DIFFER FROM'} transformers " \
-                   f"({new} tokens)"
+            tokens = session.generate(prompt, new)
+            note = f"float weights; greedy tokens {'match' if tokens == check_ref(new) else 'DIFFER FROM'} " \
+                   f"transformers ({new} tokens)"
         fmts = sorted({t["format"] for t in manifest["tensors"]})
         if fmts:
             note += f"; formats {', '.join(fmts)}"
-        rows.append(_row("qcompile", variant, achieved, best_p, best_d, note))
-        del session
-    return rows
+
+        def measure(session=session):
+            session.generate(prompt, new)
+            st = session.generator().stats
+            return st.prefill_tok_s, st.decode_tok_s
+
+        runners.append(_Runner("qcompile", variant, achieved, note, measure))
+    return runners
 
 
 # -- llama.cpp ---------------------------------------------------------------------------------------
@@ -138,13 +163,13 @@ def _gguf_all_linear_bpw(path: Path) -> float:
     return bits / weights
 
 
-def llamacpp_rows(work: Path, prompt: list[int], new: int, repeats: int, threads: int, types):
+def llamacpp_runners(work: Path, prompt: list[int], new: int, threads: int, types) -> list[_Runner]:
     import llama_cpp
 
     from bench.quality.llamacpp import convert_f32
 
     f32 = convert_f32(data.float_model_dir(), work / "smollm2-f32.gguf")
-    rows = []
+    runners = []
     for type_name in types:
         path = work / f"smollm2-{type_name}.gguf"
         if not path.is_file():
@@ -156,13 +181,13 @@ def llamacpp_rows(work: Path, prompt: list[int], new: int, repeats: int, threads
                 raise RuntimeError(f"llama_model_quantize({type_name}) failed with {rc}")
         llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + new + 8, n_batch=len(prompt),
                               n_threads=threads, n_threads_batch=threads, verbose=False)
-        vocab = llm.n_vocab()
 
-        def next_token():  # greedy on the last position's logits (llama_get_logits: the C API)
-            return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+        def measure(llm=llm):
+            vocab = llm.n_vocab()
 
-        best_p = best_d = 0.0
-        for _ in range(repeats):
+            def next_token():  # greedy on the last position's logits (llama_get_logits: the C API)
+                return int(np.argmax(np.ctypeslib.as_array(llama_cpp.llama_get_logits(llm.ctx), shape=(vocab,))))
+
             llm.reset()
             t0 = time.perf_counter()
             llm.eval(prompt)
@@ -172,17 +197,18 @@ def llamacpp_rows(work: Path, prompt: list[int], new: int, repeats: int, threads
                 llm.eval([token])
                 token = next_token()
             t2 = time.perf_counter()
-            best_p, best_d = max(best_p, len(prompt) / (t1 - t0)), max(best_d, (new - 1) / (t2 - t1))
-        rows.append(_row("llama.cpp", type_name, _gguf_all_linear_bpw(path), best_p, best_d,
-                         "llama-cpp-python " + llama_cpp.__version__ + "; default tensor types (head included)"))
-        del llm
-    return rows
+            return len(prompt) / (t1 - t0), (new - 1) / (t2 - t1)
+
+        runners.append(_Runner("llama.cpp", type_name, _gguf_all_linear_bpw(path),
+                               "llama-cpp-python " + llama_cpp.__version__ + "; default tensor types (head included)",
+                               measure))
+    return runners
 
 
 # -- onnxruntime -------------------------------------------------------------------------------------
 
 
-def _ort_decode(path: Path, prompt, new, repeats, threads):
+def _ort_measure(path: Path, prompt, new, threads):
     import onnxruntime as ort
 
     so = ort.SessionOptions()
@@ -192,8 +218,8 @@ def _ort_decode(path: Path, prompt, new, repeats, threads):
     names = [o.name for o in sess.get_outputs()]
     past = {i.name: np.zeros((1, i.shape[1], 0, i.shape[3]), np.float32) for i in sess.get_inputs()
             if i.name.startswith("past_key_values.")}
-    best_p = best_d = 0.0
-    for _ in range(repeats):
+
+    def measure():
         t0 = time.perf_counter()
         outs = sess.run(None, {"input_ids": np.array([prompt], np.int64), **past})
         t1 = time.perf_counter()
@@ -203,11 +229,12 @@ def _ort_decode(path: Path, prompt, new, repeats, threads):
                      **{n.replace("present", "past_key_values"): v for n, v in zip(names[1:], outs[1:])}}
             outs = sess.run(None, feeds)
         t2 = time.perf_counter()
-        best_p, best_d = max(best_p, len(prompt) / (t1 - t0)), max(best_d, (new - 1) / (t2 - t1))
-    return best_p, best_d
+        return len(prompt) / (t1 - t0), (new - 1) / (t2 - t1)
+
+    return measure
 
 
-def ort_rows(gguf: Path, work: Path, prompt, new, repeats, threads):
+def ort_runners(gguf: Path, work: Path, prompt, new, threads) -> list[_Runner]:
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
@@ -216,8 +243,8 @@ def ort_rows(gguf: Path, work: Path, prompt, new, repeats, threads):
     float_path = work / "smollm2-float.onnx"
     if not float_path.is_file():
         onnx.save(load_llm(gguf), float_path, save_as_external_data=True, location=float_path.name + ".data")
-    rows = [_row("onnxruntime", "float32", 32.0, *_ort_decode(float_path, prompt, new, repeats, threads),
-                 "our frontend's ONNX decoder, float32 weights")]
+    runners = [_Runner("onnxruntime", "float32", 32.0, "our frontend's ONNX decoder, float32 weights",
+                       _ort_measure(float_path, prompt, new, threads))]
     q_path = work / "smollm2-nbits4-b32.onnx"
     if not q_path.is_file():
         q = MatMulNBitsQuantizer(onnx.load(str(float_path)), block_size=32, is_symmetric=False,
@@ -233,10 +260,10 @@ def ort_rows(gguf: Path, work: Path, prompt, new, repeats, threads):
             inits = {t.name: t for t in proto.graph.initializer}
             bits += sum(8 * onnx.numpy_helper.to_array(inits[n], base_dir=str(work)).nbytes
                         for n in node.input[1:] if n in inits)
-    rows.append(_row("onnxruntime", "MatMulNBits 4-bit b32 acc4", bits / weights,
-                     *_ort_decode(q_path, prompt, new, repeats, threads),
-                     "onnxruntime's RTN quantizer, asymmetric, every MatMul incl. the head"))
-    return rows
+    runners.append(_Runner("onnxruntime", "MatMulNBits 4-bit b32 acc4", bits / weights,
+                           "onnxruntime's RTN quantizer, asymmetric, every MatMul incl. the head",
+                           _ort_measure(q_path, prompt, new, threads)))
+    return runners
 
 
 def main(argv=None) -> int:
@@ -244,7 +271,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=_usable_cpus())
     p.add_argument("--prompt", type=int, default=64, help="prompt tokens")
     p.add_argument("--new", type=int, default=64, help="new tokens")
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5, help="rounds over all systems (best round kept)")
     p.add_argument("--quick", action="store_true", help="one qcompile build and Q4_0 only, 16 new tokens")
     p.add_argument("--out", type=Path)
     p.add_argument("--reuse", action="store_true", help="reuse the qcompile artifacts of an earlier run")
@@ -269,10 +296,15 @@ def main(argv=None) -> int:
     built = build_qcompile(gguf, work, qcompile_builds(gguf, work, args.quick), args.reuse)
     if args.build_only:
         return 0
-    rows = qcompile_rows(built, prompt, new, args.repeats, transformers_greedy)
-    rows += llamacpp_rows(work, prompt, new, args.repeats, args.threads, ("Q4_0",) if args.quick else ("Q4_0", "Q4_K_M"))
+    runners = qcompile_runners(built, prompt, new, transformers_greedy)
+    runners += llamacpp_runners(work, prompt, new, args.threads, ("Q4_0",) if args.quick else ("Q4_0", "Q4_K_M"))
     if not args.quick:
-        rows += ort_rows(gguf, work, prompt, new, args.repeats, args.threads)
+        runners += ort_runners(gguf, work, prompt, new, args.threads)
+    for r in range(args.repeats):
+        log.info("round %d of %d", r + 1, args.repeats)
+        for runner in runners:
+            runner.round()
+    rows = [runner.row() for runner in runners]
     print(f"\n{'system':12s} {'variant':28s} {'bpw':>7s} {'prefill/s':>10s} {'decode/s':>9s}")
     for r in rows:
         print(f"{r['system']:12s} {r['variant']:28s} {r['bpw']:7.3f} {r['prefill_tok_s']:10.1f} {r['decode_tok_s']:9.1f}")
