@@ -113,12 +113,17 @@ def _parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", parents=[common], help="bits and error per layer, as a table and an HTML page")
     rp.add_argument("artifact")
     rp.add_argument("--html", default=None, help="write the HTML report here (default: ARTIFACT.report.html)")
-    t = sub.add_parser("tune", parents=[common], help="tune the model's kernels (MetaSchedule) into a database")
+    t = sub.add_parser("tune", parents=[common],
+                       help="tune the model's kernels (MetaSchedule, our quantized kernels' knobs) into a database")
     t.add_argument("model", help="float ONNX model (quantized and lowered as `qcompile compile` would)")
     t.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM llvm target JSON")
     t.add_argument("--bpw", type=_bpw, default=4.25, help="bits per weight, as for compile (default 4.25)")
     t.add_argument("--float", action="store_true", help="keep float weights (same as --bpw 16)")
-    t.add_argument("--trials", type=int, default=32, help="schedules measured per kernel (default 32)")
+    t.add_argument("--trials", type=int, default=32,
+                   help="schedules measured per kernel, and knob settings per quantized kernel (default 32)")
+    t.add_argument("--prefill-rows", type=int, default=None, metavar="M",
+                   help="rows of a prompt for quantized kernels with a symbolic M (decoders, measured at M=1 and "
+                        "M), and a decoder's timed prompt length (default 64)")
     t.add_argument("--db", default=str(_default_db()), metavar="DIR",
                    help="tuning database (default: $QCOMPILE_CACHE/tuning or ~/.cache/qcompile/tuning); "
                         "kernels it already holds are not tuned again")
@@ -147,7 +152,7 @@ def _cmd_tune(args, console) -> int:
                           fuse=not args.no_fuse, int8_dot=not args.no_int8_dot)
     Path(args.db).mkdir(parents=True, exist_ok=True)
     report = tune_model(args.model, opts, args.db, args.trials, tracker=args.tracker, key=args.key,
-                        time_model=not args.no_model_timing)
+                        time_model=not args.no_model_timing, prefill_rows=args.prefill_rows)
     res = report.result
     console.print(f"{len(res.tuned)} kernels tuned ({args.trials} trials each) in {report.seconds:.1f} s, "
                   f"{len(res.reused)} already in {res.db_dir}, {len(res.failed)} without a valid measurement; "
@@ -161,11 +166,33 @@ def _cmd_tune(args, console) -> int:
         table.add_row(k.name, str(k.weight), _ms(k.default_s), _ms(k.tuned_s),
                       f"{k.speedup:.2f}x" if k.speedup else "-")
     console.print(table)
-    if report.model_speedup:
+    if report.quant_kernels:
+        fresh = [k for k in report.quant_kernels if not k.reused]
+        console.print(f"quantized kernels: {len(fresh)} measured (up to {args.trials} settings each) in "
+                      f"{report.kernel_seconds:.1f} s, {len(report.quant_kernels) - len(fresh)} from earlier records",
+                      highlight=False)
+        qt = Table("quantized kernel", "calls", "M", "default us", "tuned us", "speedup", "config")
+        for k in report.quant_kernels:
+            for m in k.rows:
+                sp = k.speedup(m)
+                qt.add_row(k.name, str(k.calls), str(m), _us(k.default_s.get(m)), _us(k.tuned_s.get(m)),
+                           f"{sp:.2f}x" if sp else "-", ",".join(f"{a}={b}" for a, b in k.config.items()))
+        console.print(qt)
+    if report.model_speedup and report.decoder:
+        d, t = report.model_default_ms, report.model_tuned_ms
+        console.print(f"whole model, decode step: {d:.3f} ms ({1e3 / d:.1f} tok/s) default, {t:.3f} ms "
+                      f"({1e3 / t:.1f} tok/s) tuned ({report.model_speedup:.2f}x); prefill of {report.prefill_rows} "
+                      f"tokens: {report.prefill_default_ms:.2f} ms default, {report.prefill_tuned_ms:.2f} ms tuned; "
+                      f"compile with --db {args.db} to use the records", highlight=False)
+    elif report.model_speedup:
         console.print(f"whole model: {report.model_default_ms:.3f} ms default, {report.model_tuned_ms:.3f} ms tuned "
                       f"({report.model_speedup:.2f}x); compile with --db {args.db} to use the records",
                       highlight=False)
     return EXIT_OK
+
+
+def _us(seconds: float | None) -> str:
+    return "-" if seconds is None else f"{seconds * 1e6:.1f}"
 
 
 def _ms(seconds: float | None) -> str:

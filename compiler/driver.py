@@ -508,7 +508,8 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
         built = backend.build(lowered.mod, path)
         if opts.tuning_db is not None:  # the manifest is written after the build
             manifest["tuning"] = {"db": str(opts.tuning_db),
-                                  "tuned_functions": list(getattr(backend, "tuned_functions", None) or [])}
+                                  "tuned_functions": list(getattr(backend, "tuned_functions", None) or []),
+                                  "tuned_kernels": getattr(lowered, "tuned_kernels", {})}
         return built
 
     path = write_artifact(out, manifest, lowered.params, build, extra=extra)

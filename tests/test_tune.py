@@ -1,4 +1,6 @@
-"""`qcompile tune`: records in a database, re-tuning only what is missing, compiles that apply the records."""
+"""`qcompile tune`: records in a database, re-tuning only what is missing, compiles that apply the records;
+our quantized kernels' knobs (declared, defaults = the code before knobs, records applied at compile) and,
+in the slow tier, a tiny decoder tuned locally and over a loopback RPC tracker."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from dataclasses import replace
 
 import numpy as np
 import onnx
@@ -14,7 +17,10 @@ import pytest
 from qcompile.compiler.driver import CompileOptions, compile_model, lower_model, quantize_model
 from qcompile.compiler.tune import tune_model
 from qcompile.targets import BackendOptions, make_backend, resolve_target
-from qcompile.targets import tuning
+from qcompile.targets import kernel_tuning, tuning
+from qcompile.targets.arm import kernels_dot as KD
+from qcompile.targets.x86 import kernels as KF
+from qcompile.targets.x86 import kernels_int8 as K8
 from tests.helpers import convnet_model, mlp_model, save
 
 TRIALS = 2  # a tiny search: these tests check the plumbing, not the speedup (bench/tuning.py measures that)
@@ -143,3 +149,196 @@ def test_cli_tracker_needs_a_key(tmp_path):
                         "--tracker", "127.0.0.1:9190", "--db", tmp_path / "db"], capture_output=True, text=True,
                        timeout=300)
     assert r.returncode == 2 and "--tracker and --key go together" in r.stderr
+
+
+# -- knobs of our hand-scheduled quantized kernels (targets/knobs.py, targets/kernel_tuning.py) ---------------
+
+SPACES = {"x86 int8": K8.SCHEDULE, "x86 float": KF.SCHEDULE, "arm sdot": KD.SCHEDULE}
+
+
+def test_knobs_default_to_the_kernels_constants():
+    assert K8.SCHEDULE.default == {"tiles": 1, "row_block": K8.ROW_BLOCK}
+    assert KF.SCHEDULE.default == {"accs": KF.ACCS, "row_block": KF.ROW_BLOCK, "panel_k": KF.PANEL_K}
+    assert KD.SCHEDULE.default == {"row_block": KD.ROW_BLOCK}
+
+
+@pytest.mark.parametrize("family", list(SPACES))
+def test_settings_start_with_the_default_and_change_one_knob_before_two(family):
+    space = SPACES[family]
+    settings = space.settings(576, 1536)
+    assert settings[0] == space.default
+    assert len({tuple(c.items()) for c in settings}) == len(settings) == int(np.prod([len(v) for v in space.knobs.values()]))
+    changed = [sum(c[k] != space.default[k] for k in c) for c in settings]
+    assert changed == sorted(changed) and changed[1] == 1
+    assert space.settings(576, 1536, limit=3) == settings[:3]
+    assert set(space.doc) == set(space.knobs)  # every knob says what it does
+    with pytest.raises(ValueError, match="unknown knobs"):
+        space.resolve({"unroll": 2})
+    first = next(iter(space.knobs))
+    with pytest.raises(ValueError, match="is not one of"):
+        space.resolve({first: 3})
+    assert space.resolve({}) == space.default and space.is_default(None)
+
+
+def test_int8_tiles_must_divide_the_output_tiles():
+    # N = 24: three tiles of 8, so only 1 tile per task applies
+    assert {c["tiles"] for c in K8.SCHEDULE.settings(64, 24)} == {1}
+    assert {c["tiles"] for c in K8.SCHEDULE.settings(64, 64)} == {1, 2, 4}
+    with pytest.raises(ValueError, match="does not apply"):
+        K8.int8_matmul((4,), 32, 64, 24, {"tiles": 2})
+
+
+# structural hashes of the kernels as they were before they had knobs (commit 9d3375d): without a tuning
+# record, a kernel is exactly that code. A deliberate change to a kernel's default code updates these.
+BEFORE_KNOBS = {
+    ("int8", (4,), 32, 576, 1536): 15391983222262476806,
+    ("int8", (2, 1), 64, 1536, 576): 5528351307021733481,
+    ("int8", (4,), 128, 256, 64): 17853108352004356360,
+    ("sdot", (4,), 32, 576, 1536): 1891550166653465098,
+    ("sdot", (2, 1), 64, 1536, 576): 2985026673874823492,
+    ("float", (4, 32), None, 576, 1536): 8799286589949998302,
+    ("float", (3, 64), None, 1536, 576): 765866355116658083,
+    ("float", (8, 128), None, 256, 64): 3379662388120965195,
+}
+
+
+def _make(kind, a, g, k, n, config=None):
+    from qcompile.passes.formats import WeightFormat
+
+    if kind == "int8":
+        return K8.int8_matmul(a, g, k, n, config)
+    if kind == "sdot":
+        return KD.int8_matmul(a, g, k, n, config)
+    return KF.dequant_matmul(WeightFormat(*a), k, n, schedule=config)
+
+
+@pytest.mark.parametrize("case", list(BEFORE_KNOBS), ids=lambda c: "-".join(map(str, c)))
+def test_default_config_is_the_code_before_knobs(case):
+    import tvm_ffi
+
+    space = {"int8": K8.SCHEDULE, "sdot": KD.SCHEDULE, "float": KF.SCHEDULE}[case[0]]
+    plain = _make(*case)
+    assert tvm_ffi.structural_hash(plain) == BEFORE_KNOBS[case]
+    assert tvm_ffi.structural_equal(_make(*case, config=space.default), plain)
+    other = space.settings(case[3], case[4])[1]
+    assert not tvm_ffi.structural_equal(_make(*case, config=other), plain)
+
+
+def _build_kernel(func):
+    import tvm
+
+    target = tvm.target.Target(resolve_target("x86").tvm)
+    return tvm.compile(tvm.IRModule({"main": func.with_attr("global_symbol", "main")}), target=target)["main"]
+
+
+def _t(a):
+    import tvm
+
+    return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
+
+
+@pytest.mark.parametrize("config", [{"tiles": 2, "row_block": 8}, {"tiles": 4, "row_block": 2}])
+def test_int8_kernel_with_other_knobs_matches_numpy(config):
+    from qcompile.passes.formats import PRESETS
+    from qcompile.targets.x86 import X86Target, host_target
+
+    if not X86Target(host_target()).int8_dot:
+        pytest.skip("the host CPU has no AVX2")
+    fmt = PRESETS["q3g64"]  # two bit planes
+    rng = np.random.default_rng(5)
+    n, k = 64, 128
+    q = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    planes = K8.dot_planes(fmt.pack(q.codes), fmt.planes, k)
+    fn = _build_kernel(K8.int8_matmul(fmt.planes, fmt.group_size, k, n, config))
+    for m in (1, 3, 9):  # GEMV below the row block, GEMM with a ragged tail
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = _t(np.zeros((m, n), np.float32))
+        fn(_t(x), _t(planes[0]), _t(planes[-1]), _t(KF.tile_groups(q.scales, K8.TILE)),
+           _t(KF.tile_groups(q.zeros, K8.TILE)), y)
+        ref = K8.reference_int8_matmul(x, q.codes, q.scales, q.zeros, fmt.group_size)
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
+
+
+@pytest.mark.parametrize("config", [{"accs": 2, "row_block": 8, "panel_k": 256}, {"accs": 8, "row_block": 2}])
+def test_float_kernel_with_other_knobs_matches_numpy(config):
+    from qcompile.passes.formats import PRESETS
+
+    fmt = PRESETS["q4g128"]
+    rng = np.random.default_rng(6)
+    n, k = 32, 512
+    q = fmt.quantize(rng.standard_normal((n, k)).astype(np.float32))
+    t = KF.tile_for(n)
+    planes = KF.tile_planes(fmt.pack(q.codes), t)
+    fn = _build_kernel(KF.dequant_matmul(fmt, k, n, schedule=config))
+    for m in (1, 3, 10):
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        y = _t(np.zeros((m, n), np.float32))
+        fn(_t(x), _t(planes[0]), _t(planes[-1]), _t(KF.tile_groups(q.scales, t)), _t(KF.tile_groups(q.zeros, t)), y)
+        ref = KF.reference_matmul(x, q.dequantize())
+        np.testing.assert_allclose(y.numpy(), ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_kernel_records_round_trip(tmp_path):
+    target = {"kind": "llvm", "mcpu": "znver3"}
+    kernel = type("K", (), {"k": 576, "n": 1536})()
+    a = kernel_tuning.KernelTuning("qmatmul_i8_q4g32_576_1536", 3, [1, 64], {"tiles": 2, "row_block": 4},
+                                   {1: 2e-5, 64: 4e-4}, {1: 1.5e-5, 64: 4e-4}, 9)
+    kernel_tuning._save_record(tmp_path, target, a.name, a.to_record(kernel, [1, 64]))
+    kernel_tuning._save_record(tmp_path, target, "qmatmul_q8g32_576_576",
+                               {"config": {"accs": 8}, "rows": [1], "default_us": {"1": 9.0}, "tuned_us": {"1": 7.0}})
+    path = kernel_tuning.records_path(tmp_path, target)
+    assert path.parent == tuning.db_dir_for(tmp_path, target)  # beside MetaSchedule's files
+    assert kernel_tuning.load_schedules(tmp_path, target) == {a.name: {"tiles": 2, "row_block": 4},
+                                                              "qmatmul_q8g32_576_576": {"accs": 8}}
+    rec = kernel_tuning.load_records(tmp_path, target)[a.name]
+    assert rec["rows"] == [1, 64] and rec["default_us"] == {"1": 20.0, "64": 400.0}
+    assert kernel_tuning.load_schedules(tmp_path, {"kind": "llvm", "mcpu": "skylake"}) == {}  # per target
+    assert kernel_tuning.load_schedules(None, target) == {}
+    assert [p.name for p in path.parent.iterdir() if p.name.startswith(".")] == []  # written atomically
+
+
+def test_measured_rows_and_the_choice():
+    k = type("K", (), {})()
+    k.rows = {None}
+    assert kernel_tuning.measure_rows(k) == [1, kernel_tuning.PREFILL_ROWS]  # decode and prefill
+    k.rows = {1024, 256}
+    assert kernel_tuning.measure_rows(k, 16) == [256, 1024]  # static rows as they are
+    settings = [{"t": 1}, {"t": 2}, {"t": 4}]
+    times = {(0, 1): 1.0, (0, 64): 10.0, (1, 1): 0.99, (1, 64): 9.9, (2, 1): 0.8}
+    assert kernel_tuning._choose(settings, times, [1, 64]) == 0  # 1% is noise; setting 2 lacks M=64
+    times[2, 64] = 9.0
+    assert kernel_tuning._choose(settings, times, [1, 64]) == 2
+    assert kernel_tuning._choose(settings, {(1, 1): 1.0}, [1]) is None  # no default time: no record
+
+
+def test_compile_applies_kernel_records(tmp_path):
+    """A hand-written record with other knobs: the compile builds those kernels with it, says so in the
+    manifest, and computes what the untuned build computes (the same integer sums, in the same order)."""
+    import qcompile.runtime as rt
+    from qcompile.passes.reference import decode_to_float
+    import onnxruntime as ort
+
+    save(mlp_model(), tmp_path / "mlp.onnx")
+    opts = CompileOptions(bpw=4.25)
+    spec = resolve_target("x86")
+    lowered = lower_model(quantize_model(tmp_path / "mlp.onnx", opts), make_backend(spec, BackendOptions()), opts)[0]
+    assert lowered.quant_kernels and lowered.tuned_kernels == {}
+    configs = {}
+    for name, q in lowered.quant_kernels.items():
+        assert q.rows == {None}  # the batch is symbolic
+        configs[name] = q.space.settings(q.k, q.n)[-1]  # the setting farthest from the default
+        kernel_tuning._save_record(tmp_path / "db", spec.tvm, name, {"config": configs[name], "rows": [1, 64],
+                                                                     "default_us": {}, "tuned_us": {}})
+    plain = compile_model(tmp_path / "mlp.onnx", tmp_path / "plain.qcm", opts)
+    tuned = compile_model(tmp_path / "mlp.onnx", tmp_path / "tuned.qcm", replace(opts, tuning_db=str(tmp_path / "db")))
+    manifest = json.loads((tmp_path / "tuned.qcm" / "manifest.json").read_text())
+    assert manifest["tuning"]["tuned_kernels"] == configs
+    rng = np.random.default_rng(2)
+    for batch in (1, 3, 9):
+        x = rng.standard_normal((batch, 256)).astype(np.float32)
+        y0 = rt.load(plain.path).run(None, {"x": x})[0]
+        y1 = rt.load(tuned.path).run(None, {"x": x})[0]
+        np.testing.assert_allclose(y1, y0, rtol=1e-5, atol=1e-6 * np.abs(y0).max())
+        fake = ort.InferenceSession(decode_to_float(tuned.quantized_model).SerializeToString(),
+                                    providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+        assert np.abs(y1 - fake).max() < 0.05 * np.abs(fake).max()  # int8 activations' rounding only

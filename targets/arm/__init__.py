@@ -74,7 +74,7 @@ def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
 
 
 def make_backend(spec: TargetSpec, options) -> "ArmTarget":
-    return ArmTarget(spec, int8_dot=options.int8_dot)
+    return ArmTarget(spec, int8_dot=options.int8_dot, tuning_db=options.tuning_db)
 
 
 def llvm_features(tjson: dict) -> tuple[str, ...]:
@@ -100,17 +100,20 @@ class ArmTarget:
     decoder_fusion = True  # the x86 target's decoder kernels are plain TIR: they build for aarch64 as they are
     attention_fusion = True
 
-    def __init__(self, spec: TargetSpec, int8_dot: bool = True):
+    def __init__(self, spec: TargetSpec, int8_dot: bool = True, tuning_db=None):
         self.spec = spec
+        self.tuning_db = tuning_db  # kernel knob records (targets/kernel_tuning.py) for this target, if any
         # sdot kernels where the CPU has dotprod; int8_dot=False (or no dotprod) keeps the float kernels
         self.int8_dot = int8_dot and has_dotprod(spec.tvm)
 
     def lower(self, model):
         """Quantized ONNX ModelProto -> :class:`qcompile.targets.x86.lower.LoweredModel`."""
+        from ..kernel_tuning import load_schedules  # noqa: PLC0415
         from ..x86.lower import lower_to_relax  # noqa: PLC0415
         from . import kernels_dot  # noqa: PLC0415
 
-        return lower_to_relax(model, int8_dot=self.int8_dot, dot_kernels=kernels_dot)
+        return lower_to_relax(model, int8_dot=self.int8_dot, dot_kernels=kernels_dot,
+                              kernel_schedules=load_schedules(self.tuning_db, self.spec.tvm))
 
     def manifest_kernels(self, lowered) -> dict:
         """What the manifest says about the kernels (``manifest["kernels"]``)."""

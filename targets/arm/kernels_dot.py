@@ -26,28 +26,36 @@ from __future__ import annotations
 
 from tvm.script import tirx as T
 
+from ..knobs import KnobSpace
 from ..x86.kernels import OPAQUE
 from ..x86.kernels_int8 import (MAX_BITS, TILE, activation_quantizer, codes_from_dot, dot_planes,
                                 quantize_activations, reference_int8_matmul, supports)
 
 __all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "codes_from_dot", "quantize_activations",
-           "reference_int8_matmul", "int8_matmul", "INSTRUCTION"]
+           "reference_int8_matmul", "int8_matmul", "INSTRUCTION", "SCHEDULE"]
 
 INSTRUCTION = "sdot"
-ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path
+ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path (the default of the knob)
+
+SCHEDULE = KnobSpace(
+    "qmatmul_i8", {"row_block": (ROW_BLOCK, 2, 8)},
+    doc={"row_block": "rows sharing one decoded weight sub-block in the GEMM path (M >= row_block); the GEMV "
+                      "path takes the rows below it"})
+"""The knobs of :func:`int8_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was."""
 
 
-def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int):
+def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int, schedule: dict | None = None):
     """TIR kernel ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` with int8 activations and ``sdot``.
 
     Arguments: x (float32 [M, K]), one dot8-layout plane per ``plane_bits`` (the second repeated for a
     single-plane format), scales, zeros ([N/8, K/g, 8] float16), y.  M is symbolic.
     numpy: :func:`reference_int8_matmul` (``xq, sx, xs = quantize_activations(x, g)``, then the sum above).
+    ``schedule``: knob values (:data:`SCHEDULE`; the defaults where missing).
     """
     bits = sum(plane_bits)
     if not supports(bits, k, n, g):
         raise ValueError(f"int8_matmul (sdot): {bits}-bit K={k} N={n} g={g} is not supported")
-    return _kernel(tuple(plane_bits), g, k, n)
+    return _kernel(tuple(plane_bits), g, k, n, SCHEDULE.resolve(schedule)["row_block"])
 
 
 def _decode(planes: tuple[int, ...]):
@@ -80,9 +88,9 @@ def _sdot(acc, a, b):
     return T.call_llvm_pure_intrin("int32x4", "llvm.aarch64.neon.sdot", acc, a, b)
 
 
-def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
+def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, rb: int = ROW_BLOCK):
     code = _decode(planes)
-    nt_, kb_, kg, bpg, rb = n // TILE, k // 32, k // g, g // 32, ROW_BLOCK
+    nt_, kb_, kg, bpg = n // TILE, k // 32, k // g, g // 32
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1

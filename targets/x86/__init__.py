@@ -74,7 +74,8 @@ class X86Target:
     decoder_fusion = True  # lowers qcompile::RMSNorm, AddRMSNorm, Rotary, GatedAct (passes/fuse_decoder.py)
     attention_fusion = True  # lowers qcompile::CausalAttention and CacheUpdate (passes/fuse_attention.py)
 
-    tunable = True  # MetaSchedule tunes the legalized ops (qcompile tune; targets/tuning.py)
+    tunable = True  # MetaSchedule tunes the legalized ops (qcompile tune; targets/tuning.py) and our
+    # quantized matmuls' knobs are measured (targets/kernel_tuning.py)
 
     def __init__(self, spec: TargetSpec, int8_dot: bool = True, tuning_db=None):
         self.spec = spec
@@ -84,10 +85,13 @@ class X86Target:
         self.int8_dot = int8_dot and _has_features(spec.tvm, "avx2")
 
     def lower(self, model):
-        """Quantized ONNX ModelProto -> :class:`.lower.LoweredModel`."""
+        """Quantized ONNX ModelProto -> :class:`.lower.LoweredModel`; quantized matmuls with a record in the
+        tuning database get its knob config (:mod:`qcompile.targets.kernel_tuning`)."""
+        from ..kernel_tuning import load_schedules  # noqa: PLC0415
         from .lower import lower_to_relax  # noqa: PLC0415
 
-        return lower_to_relax(model, int8_dot=self.int8_dot)
+        return lower_to_relax(model, int8_dot=self.int8_dot,
+                              kernel_schedules=load_schedules(self.tuning_db, self.spec.tvm))
 
     def manifest_kernels(self, lowered) -> dict:
         """What the manifest says about the kernels (``manifest["kernels"]``)."""

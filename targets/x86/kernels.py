@@ -24,10 +24,12 @@ from tvm.script import tirx as T
 
 from typing import TYPE_CHECKING
 
+from ..knobs import KnobSpace
+
 if TYPE_CHECKING:
     from qcompile.passes.formats import WeightFormat
 
-__all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups", "reference_matmul"]
+__all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups", "reference_matmul", "SCHEDULE"]
 
 ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
@@ -36,6 +38,16 @@ OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, n
 # Scratch buffers are allocated with scope="global": TVM 0.27 makes a constant-size "global" buffer under
 # 1 KiB a stack alloca, but sends every "local" one through TVMBackendAllocWorkspace/FreeWorkspace on
 # each loop iteration that declares it (measured: 2x on a 576x1536 GEMV).
+
+
+SCHEDULE = KnobSpace(
+    "qmatmul",
+    {"accs": (ACCS, 2, 8), "row_block": (ROW_BLOCK, 2, 8), "panel_k": (PANEL_K, 256, 1024)},
+    doc={"accs": "independent accumulators in the GEMV path (M < row_block): FMA latency vs registers",
+         "row_block": "rows of x per register block in the GEMM path (M >= row_block)",
+         "panel_k": "largest K extent of the dequantized weight panel in the GEMM path (whole groups)"})
+"""The knobs of :func:`dequant_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was.
+The output tile ``t`` is not a knob: it fixes the weights' layout (:func:`tile_planes`)."""
 
 
 def tile_for(n: int) -> int:
@@ -66,17 +78,19 @@ def reference_matmul(x: np.ndarray, w_deq: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) @ w_deq.T
 
 
-def dequant_matmul(fmt: WeightFormat, k: int, n: int, t: int | None = None):
+def dequant_matmul(fmt: WeightFormat, k: int, n: int, t: int | None = None, schedule: dict | None = None):
     """TIR kernel ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` for a symbolic M.
 
     Arguments: x (float32 [M, K]), one tiled word plane per ``fmt.planes``, scales, zeros, y.
+    ``schedule``: knob values (:data:`SCHEDULE`; the defaults where missing).
     numpy: ``y = x @ fmt.dequantize(q).T`` (see :func:`reference_matmul`).
     """
     t = t or tile_for(n)
     g = fmt.group_size
     if k % g or n % t:
         raise ValueError(f"dequant_matmul: K={k} must divide by group {g} and N={n} by tile {t}")
-    return _matmul_kernel(tuple(fmt.planes), g, k, n, t)
+    config = SCHEDULE.resolve(schedule)
+    return _matmul_kernel(tuple(fmt.planes), g, k, n, t, config["accs"], config["row_block"], config["panel_k"])
 
 
 def _decoder(planes: tuple[int, ...]):
@@ -104,10 +118,18 @@ def _decoder(planes: tuple[int, ...]):
     return code
 
 
-def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
+def _pairwise_sum(terms: list):
+    """``(a + b) + (c + d)``: the accumulators summed as a balanced tree."""
+    while len(terms) > 1:
+        terms = [terms[i] + terms[i + 1] if i + 1 < len(terms) else terms[i] for i in range(0, len(terms), 2)]
+    return terms[0]
+
+
+def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int, accs: int = ACCS, rb: int = ROW_BLOCK,
+                   panel_k: int = PANEL_K):
     code = _decoder(planes)
-    kg, nt_, kb_, rb = k // g, n // t, g // 32, ROW_BLOCK
-    kc_ = g * max(d for d in range(1, kg + 1) if kg % d == 0 and g * d <= PANEL_K)
+    kg, nt_, kb_ = k // g, n // t, g // 32
+    kc_ = g * max([1] + [d for d in range(1, kg + 1) if kg % d == 0 and g * d <= panel_k])
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
@@ -133,24 +155,24 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int):
             if m < rb:
                 for r in range(m):
                     acc = T.alloc_buffer((t,), "float32", scope="global")
-                    part = T.alloc_buffer((ACCS, t), "float32", scope="global")
+                    part = T.alloc_buffer((accs, t), "float32", scope="global")
                     for tt in T.vectorized(t):
                         acc[tt] = T.float32(0)
                     for gi in range(kg):
-                        for a in T.unroll(ACCS):
+                        for a in T.unroll(accs):
                             for tt in T.vectorized(t):
                                 part[a, tt] = T.float32(0)
                         for kb in range(kb_):
                             for i in T.unroll(32):
                                 for tt in T.vectorized(t):
-                                    part[i % ACCS, tt] = part[i % ACCS, tt] + T.Cast(
+                                    part[i % accs, tt] = part[i % accs, tt] + T.Cast(
                                         "float32", code(ws, nt, gi * kb_ + kb, i, tt)
                                     ) * x[r, gi * g + kb * 32 + i]
                         for tt in T.vectorized(t):
                             acc[tt] = (
                                 acc[tt]
                                 + T.Cast("float32", s[nt, gi, tt])
-                                * ((part[0, tt] + part[1, tt]) + (part[2, tt] + part[3, tt]))
+                                * _pairwise_sum([part[a, tt] for a in range(accs)])
                                 + T.Cast("float32", z[nt, gi, tt]) * xsum[r, gi]
                             )
                     for tt in T.vectorized(t):

@@ -44,14 +44,25 @@ from __future__ import annotations
 import numpy as np
 from tvm.script import tirx as T
 
+from ..knobs import KnobSpace
 from .kernels import OPAQUE
 
-__all__ = ["TILE", "MAX_BITS", "supports", "dot_planes", "codes_from_dot", "quantize_activations", "reference_int8_matmul",
-           "int8_matmul", "activation_quantizer"]
+__all__ = ["TILE", "MAX_BITS", "SCHEDULE", "supports", "dot_planes", "codes_from_dot", "quantize_activations",
+           "reference_int8_matmul", "int8_matmul", "activation_quantizer"]
 
 TILE = 8  # outputs per tile: the int32 lanes of one AVX2 register
 MAX_BITS = 6
-ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path
+ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path (the default of the knob)
+
+SCHEDULE = KnobSpace(
+    "qmatmul_i8",
+    {"tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8)},
+    applies=lambda config, k, n: (n // TILE) % config["tiles"] == 0,
+    doc={"tiles": "output tiles of 8 one parallel task computes; in the GEMV path (M < row_block) side by "
+                  "side, one activation broadcast feeding `tiles` vpmaddubsw",
+         "row_block": "rows sharing one decoded weight sub-block in the GEMM path (M >= row_block); the GEMV "
+                      "path takes the rows below it"})
+"""The knobs of :func:`int8_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was."""
 
 
 def supports(bits: int, k: int, n: int, group_size: int) -> bool:
@@ -131,17 +142,21 @@ def reference_int8_matmul(x: np.ndarray, codes: np.ndarray, scales: np.ndarray, 
     return (per_group * s[None]).sum(-1) + xs @ z.T
 
 
-def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int):
+def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int, schedule: dict | None = None):
     """TIR kernel ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T`` with int8 activations (module docstring).
 
     Arguments: x (float32 [M, K]), one dot-layout plane per ``plane_bits`` (the second repeated for a
     single-plane format), scales, zeros ([N/8, K/g, 8] float16), y.  M is symbolic.
+    ``schedule``: knob values (:data:`SCHEDULE`; the defaults where missing).
     numpy: :func:`reference_int8_matmul`.
     """
     bits = sum(plane_bits)
     if not supports(bits, k, n, g):
         raise ValueError(f"int8_matmul: {bits}-bit K={k} N={n} g={g} is not supported")
-    return _kernel(tuple(plane_bits), g, k, n)
+    config = SCHEDULE.resolve(schedule)
+    if not SCHEDULE.applies(config, k, n):
+        raise ValueError(f"int8_matmul: schedule {config} does not apply to N={n} (tiles must divide N/{TILE})")
+    return _kernel(tuple(plane_bits), g, k, n, config["tiles"], config["row_block"])
 
 
 def _decode(planes: tuple[int, ...]):
@@ -207,9 +222,9 @@ def activation_quantizer(kg: int, bpg: int):
     return quantize_row
 
 
-def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
+def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: int = ROW_BLOCK):
     code = _decode(planes)
-    nt_, kb_, kg, bpg, rb = n // TILE, k // 32, k // g, g // 32, ROW_BLOCK
+    nt_, kb_, kg, bpg = n // TILE, k // 32, k // g, g // 32
     ch = _chunk(sum(planes))
     nch = 8 // ch
     p0 = planes[0]
@@ -217,6 +232,105 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
     two = len(planes) > 1
 
     quantize_row = activation_quantizer(kg, bpg)
+
+    @T.macro
+    def gemv(nt, m, ws, xq, sx, xs, s, z, y):
+        for r in range(m):
+            acc = T.alloc_buffer((TILE,), "float32", scope="global")
+            gacc = T.alloc_buffer((TILE,), "float32", scope="global")
+            i32 = T.alloc_buffer((TILE,), "int32", scope="global")
+            s16 = T.alloc_buffer((16,), "int16", scope="global")
+            acc[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            for gi in range(kg):
+                gacc[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for bb in range(bpg):
+                    i32[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for c in T.unroll(nch):
+                        s16[T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        for u in T.unroll(ch):
+                            s16[T.ramp(0, 1, 16)] = s16[T.ramp(0, 1, 16)] + _madd(code(ws, nt, gi * bpg + bb, c * ch + u),
+                                                        _xb(xq, r, gi * bpg + bb, c * ch + u))
+                        i32[T.ramp(0, 1, 8)] = i32[T.ramp(0, 1, 8)] + _widen(s16[T.ramp(0, 1, 16)])
+                    gacc[T.ramp(0, 1, 8)] = gacc[T.ramp(0, 1, 8)] + T.Cast("float32x8", i32[T.ramp(0, 1, 8)]) * T.broadcast(
+                        sx[r, gi * bpg + bb], 8)
+                acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + T.Cast("float32x8", s[nt, gi, T.ramp(0, 1, 8)]) * gacc[T.ramp(0, 1, 8)] + T.Cast(
+                    "float32x8", z[nt, gi, T.ramp(0, 1, 8)]) * T.broadcast(xs[r, gi], 8)
+            y[r, T.ramp(nt * TILE, 1, 8)] = acc[T.ramp(0, 1, 8)]
+
+    @T.macro
+    def gemv_interleaved(ntp, m, ws, xq, sx, xs, s, z, y):
+        # tiles ntp*nti ... +nti-1 side by side: one activation broadcast feeds nti vpmaddubsw (more
+        # independent chains, fewer activation loads)
+        for r in range(m):
+            acc = T.alloc_buffer((nti, TILE), "float32", scope="global")
+            gacc = T.alloc_buffer((nti, TILE), "float32", scope="global")
+            i32 = T.alloc_buffer((nti, TILE), "int32", scope="global")
+            s16 = T.alloc_buffer((nti, 16), "int16", scope="global")
+            for tt in T.unroll(nti):
+                acc[tt, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            for gi in range(kg):
+                for tt in T.unroll(nti):
+                    gacc[tt, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for bb in range(bpg):
+                    for tt in T.unroll(nti):
+                        i32[tt, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for c in T.unroll(nch):
+                        for tt in T.unroll(nti):
+                            s16[tt, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        for u in T.unroll(ch):
+                            for tt in T.unroll(nti):
+                                s16[tt, T.ramp(0, 1, 16)] = s16[tt, T.ramp(0, 1, 16)] + _madd(
+                                    code(ws, ntp * nti + tt, gi * bpg + bb, c * ch + u),
+                                    _xb(xq, r, gi * bpg + bb, c * ch + u))
+                        for tt in T.unroll(nti):
+                            i32[tt, T.ramp(0, 1, 8)] = i32[tt, T.ramp(0, 1, 8)] + _widen(s16[tt, T.ramp(0, 1, 16)])
+                    for tt in T.unroll(nti):
+                        gacc[tt, T.ramp(0, 1, 8)] = gacc[tt, T.ramp(0, 1, 8)] + T.Cast(
+                            "float32x8", i32[tt, T.ramp(0, 1, 8)]) * T.broadcast(sx[r, gi * bpg + bb], 8)
+                for tt in T.unroll(nti):
+                    acc[tt, T.ramp(0, 1, 8)] = acc[tt, T.ramp(0, 1, 8)] + T.Cast(
+                        "float32x8", s[ntp * nti + tt, gi, T.ramp(0, 1, 8)]) * gacc[tt, T.ramp(0, 1, 8)] + T.Cast(
+                        "float32x8", z[ntp * nti + tt, gi, T.ramp(0, 1, 8)]) * T.broadcast(xs[r, gi], 8)
+            for tt in T.unroll(nti):
+                y[r, T.ramp((ntp * nti + tt) * TILE, 1, 8)] = acc[tt, T.ramp(0, 1, 8)]
+
+    @T.macro
+    def gemm(nt, m, ws, xq, sx, xs, s, z, y):
+        # GEMM: each sub-block's codes are decoded once for a block of rb rows
+        acc = T.alloc_buffer((rb, TILE), "float32", scope="global")
+        gacc = T.alloc_buffer((rb, TILE), "float32", scope="global")
+        i32 = T.alloc_buffer((rb, TILE), "int32", scope="global")
+        s16 = T.alloc_buffer((rb, 16), "int16", scope="global")
+        cw = T.alloc_buffer((32,), "uint8", scope="global")
+        for mb in range((m + rb - 1) // rb):
+            for rr in T.unroll(rb):
+                acc[rr, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+            for gi in range(kg):
+                for rr in T.unroll(rb):
+                    gacc[rr, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
+                for bb in range(bpg):
+                    for rr in T.unroll(rb):
+                        i32[rr, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
+                    for c in T.unroll(nch):
+                        for rr in T.unroll(rb):
+                            s16[rr, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
+                        for u in T.unroll(ch):
+                            cw[T.ramp(0, 1, 32)] = code(ws, nt, gi * bpg + bb, c * ch + u)
+                            for rr in T.unroll(rb):
+                                s16[rr, T.ramp(0, 1, 16)] = s16[rr, T.ramp(0, 1, 16)] + _madd(
+                                    cw[T.ramp(0, 1, 32)],
+                                    _xb(xq, T.min(mb * rb + rr, m - 1), gi * bpg + bb, c * ch + u))
+                        for rr in T.unroll(rb):
+                            i32[rr, T.ramp(0, 1, 8)] = i32[rr, T.ramp(0, 1, 8)] + _widen(s16[rr, T.ramp(0, 1, 16)])
+                    for rr in T.unroll(rb):
+                        gacc[rr, T.ramp(0, 1, 8)] = gacc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", i32[rr, T.ramp(0, 1, 8)]) * T.broadcast(
+                            sx[T.min(mb * rb + rr, m - 1), gi * bpg + bb], 8)
+                for rr in T.unroll(rb):
+                    acc[rr, T.ramp(0, 1, 8)] = acc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", s[nt, gi, T.ramp(0, 1, 8)]) * gacc[rr, T.ramp(0, 1, 8)] + T.Cast(
+                        "float32x8", z[nt, gi, T.ramp(0, 1, 8)]) * T.broadcast(xs[T.min(mb * rb + rr, m - 1), gi], 8)
+            for rr in range(rb):
+                if mb * rb + rr < m:
+                    y[mb * rb + rr, T.ramp(nt * TILE, 1, 8)] = acc[rr, T.ramp(0, 1, 8)]
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
@@ -238,64 +352,18 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int):
         else:
             for r in T.parallel(m):
                 quantize_row(x, xq, sx, xs, r)
-        for nt in T.parallel(nt_):
-            if m < rb:
-                for r in range(m):
-                    acc = T.alloc_buffer((TILE,), "float32", scope="global")
-                    gacc = T.alloc_buffer((TILE,), "float32", scope="global")
-                    i32 = T.alloc_buffer((TILE,), "int32", scope="global")
-                    s16 = T.alloc_buffer((16,), "int16", scope="global")
-                    acc[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-                    for gi in range(kg):
-                        gacc[T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-                        for bb in range(bpg):
-                            i32[T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
-                            for c in T.unroll(nch):
-                                s16[T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
-                                for u in T.unroll(ch):
-                                    s16[T.ramp(0, 1, 16)] = s16[T.ramp(0, 1, 16)] + _madd(code(ws, nt, gi * bpg + bb, c * ch + u),
-                                                                _xb(xq, r, gi * bpg + bb, c * ch + u))
-                                i32[T.ramp(0, 1, 8)] = i32[T.ramp(0, 1, 8)] + _widen(s16[T.ramp(0, 1, 16)])
-                            gacc[T.ramp(0, 1, 8)] = gacc[T.ramp(0, 1, 8)] + T.Cast("float32x8", i32[T.ramp(0, 1, 8)]) * T.broadcast(
-                                sx[r, gi * bpg + bb], 8)
-                        acc[T.ramp(0, 1, 8)] = acc[T.ramp(0, 1, 8)] + T.Cast("float32x8", s[nt, gi, T.ramp(0, 1, 8)]) * gacc[T.ramp(0, 1, 8)] + T.Cast(
-                            "float32x8", z[nt, gi, T.ramp(0, 1, 8)]) * T.broadcast(xs[r, gi], 8)
-                    y[r, T.ramp(nt * TILE, 1, 8)] = acc[T.ramp(0, 1, 8)]
-            else:
-                # GEMM: each sub-block's codes are decoded once for a block of ROW_BLOCK rows
-                acc = T.alloc_buffer((rb, TILE), "float32", scope="global")
-                gacc = T.alloc_buffer((rb, TILE), "float32", scope="global")
-                i32 = T.alloc_buffer((rb, TILE), "int32", scope="global")
-                s16 = T.alloc_buffer((rb, 16), "int16", scope="global")
-                cw = T.alloc_buffer((32,), "uint8", scope="global")
-                for mb in range((m + rb - 1) // rb):
-                    for rr in T.unroll(rb):
-                        acc[rr, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-                    for gi in range(kg):
-                        for rr in T.unroll(rb):
-                            gacc[rr, T.ramp(0, 1, 8)] = T.broadcast(T.float32(0), 8)
-                        for bb in range(bpg):
-                            for rr in T.unroll(rb):
-                                i32[rr, T.ramp(0, 1, 8)] = T.broadcast(T.int32(0), 8)
-                            for c in T.unroll(nch):
-                                for rr in T.unroll(rb):
-                                    s16[rr, T.ramp(0, 1, 16)] = T.broadcast(T.int16(0), 16)
-                                for u in T.unroll(ch):
-                                    cw[T.ramp(0, 1, 32)] = code(ws, nt, gi * bpg + bb, c * ch + u)
-                                    for rr in T.unroll(rb):
-                                        s16[rr, T.ramp(0, 1, 16)] = s16[rr, T.ramp(0, 1, 16)] + _madd(
-                                            cw[T.ramp(0, 1, 32)],
-                                            _xb(xq, T.min(mb * rb + rr, m - 1), gi * bpg + bb, c * ch + u))
-                                for rr in T.unroll(rb):
-                                    i32[rr, T.ramp(0, 1, 8)] = i32[rr, T.ramp(0, 1, 8)] + _widen(s16[rr, T.ramp(0, 1, 16)])
-                            for rr in T.unroll(rb):
-                                gacc[rr, T.ramp(0, 1, 8)] = gacc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", i32[rr, T.ramp(0, 1, 8)]) * T.broadcast(
-                                    sx[T.min(mb * rb + rr, m - 1), gi * bpg + bb], 8)
-                        for rr in T.unroll(rb):
-                            acc[rr, T.ramp(0, 1, 8)] = acc[rr, T.ramp(0, 1, 8)] + T.Cast("float32x8", s[nt, gi, T.ramp(0, 1, 8)]) * gacc[rr, T.ramp(0, 1, 8)] + T.Cast(
-                                "float32x8", z[nt, gi, T.ramp(0, 1, 8)]) * T.broadcast(xs[T.min(mb * rb + rr, m - 1), gi], 8)
-                    for rr in range(rb):
-                        if mb * rb + rr < m:
-                            y[mb * rb + rr, T.ramp(nt * TILE, 1, 8)] = acc[rr, T.ramp(0, 1, 8)]
+        if nti == 1:  # (a Python condition: one of the two loop nests is generated)
+            for nt in T.parallel(nt_):
+                if m < rb:
+                    gemv(nt, m, ws, xq, sx, xs, s, z, y)
+                else:
+                    gemm(nt, m, ws, xq, sx, xs, s, z, y)
+        else:
+            for ntp in T.parallel(nt_ // nti):
+                if m < rb:
+                    gemv_interleaved(ntp, m, ws, xq, sx, xs, s, z, y)
+                else:
+                    for tt in range(nti):
+                        gemm(ntp * nti + tt, m, ws, xq, sx, xs, s, z, y)
 
     return kernel

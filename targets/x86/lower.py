@@ -12,6 +12,7 @@ import contextlib
 import functools
 import logging
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -24,12 +25,26 @@ from qcompile.passes.formats import WeightFormat
 from . import attention_kernels, decoder_kernels, kernels, kernels_int8
 from .onnx_gaps import gap_converters
 
-__all__ = ["lower_to_relax", "LoweredModel", "PARAM_MIN_ELEMENTS"]
+__all__ = ["lower_to_relax", "LoweredModel", "QuantKernel", "PARAM_MIN_ELEMENTS"]
 
 log = logging.getLogger(__name__)
 
 PARAM_MIN_ELEMENTS = 256
 """Float initializers at least this large are parameters (params.safetensors), smaller ones constants."""
+
+
+@dataclass
+class QuantKernel:
+    """One distinct quantized matmul kernel of a lowered model, with what tuning needs to rebuild it."""
+
+    name: str  # its function in the module: qmatmul_i8_q4g32_576_1536 (kind, format, K, N)
+    space: object  # the kernel family's knobs (qcompile.targets.knobs.KnobSpace)
+    make: Callable  # make(config dict | None) -> the PrimFunc with that config
+    k: int
+    n: int
+    calls: int = 0
+    rows: set = field(default_factory=set)  # M of its calls: ints, None for a symbolic M (a decoder's tokens)
+    config: dict | None = None  # the tuned config it was built with (None: no record, the defaults)
 
 
 @dataclass
@@ -40,6 +55,12 @@ class LoweredModel:
     num_inputs: int
     kernels: dict[str, int] = field(default_factory=dict)  # quantized matmuls per kernel kind
     layouts: dict[str, str] = field(default_factory=dict)  # packed param -> its layout (see _retile)
+    quant_kernels: dict[str, QuantKernel] = field(default_factory=dict)  # by function name
+
+    @property
+    def tuned_kernels(self) -> dict[str, dict]:
+        """Kernels built with a config from a tuning database: name -> config."""
+        return {name: q.config for name, q in self.quant_kernels.items() if q.config is not None}
 
 
 def _int8_dot(enabled: bool, fmt: WeightFormat, k: int, n: int, dot=kernels_int8) -> bool:
@@ -107,13 +128,16 @@ def _prod(dims):
 
 
 class _Emitter:
-    """Emits our kernels into a BlockBuilder, each distinct kernel once."""
+    """Emits our kernels into a BlockBuilder, each distinct kernel once; quantized matmuls with the
+    config ``schedules`` gives their name (tuning records), else their defaults."""
 
-    def __init__(self, int8_dot: bool = False, dot=kernels_int8):
+    def __init__(self, int8_dot: bool = False, dot=kernels_int8, schedules: dict[str, dict] | None = None):
         self.cache: dict[tuple, object] = {}
         self.int8_dot = int8_dot
         self.dot = dot
         self.counts: dict[str, int] = {}
+        self.schedules = schedules or {}
+        self.quant: dict[str, QuantKernel] = {}
 
     def kernel(self, bb, key: tuple, make):
         if key not in self.cache:
@@ -123,13 +147,29 @@ class _Emitter:
     def qmatmul2d(self, bb, x2, m, planes, s, z, fmt: WeightFormat, k: int, n: int):
         from tvm import relax  # noqa: PLC0415
 
+        from tvm import tirx  # noqa: PLC0415
+
         if _int8_dot(self.int8_dot, fmt, k, n, self.dot):
-            kind = "int8_dot"
-            gv = self.kernel(bb, ("qmatmul_i8", fmt.name, k, n),
-                             lambda: self.dot.int8_matmul(fmt.planes, fmt.group_size, k, n))
+            kind, key, space = "int8_dot", ("qmatmul_i8", fmt.name, k, n), self.dot.SCHEDULE
+
+            def make(config=None):
+                return self.dot.int8_matmul(fmt.planes, fmt.group_size, k, n, config)
         else:
-            kind = "float"
-            gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
+            kind, key, space = "float", ("qmatmul", fmt.name, k, n), kernels.SCHEDULE
+
+            def make(config=None):
+                return kernels.dequant_matmul(fmt, k, n, schedule=config)
+        name = "_".join(str(p) for p in key)
+        if name not in self.quant:
+            config = self.schedules.get(name)
+            if config is not None and not space.applies(space.resolve(config), k, n):
+                log.warning("%s: tuned config %s does not apply to this kernel; defaults used", name, config)
+                config = None
+            self.quant[name] = QuantKernel(name, space, make, k, n, config=config)
+        q = self.quant[name]
+        gv = self.kernel(bb, key, lambda: make(q.config))
+        q.calls += 1
+        q.rows.add(int(m) if isinstance(m, (int, tirx.IntImm)) else None)
         self.counts[kind] = self.counts.get(kind, 0) + 1
         w0 = planes[0]
         w1 = planes[1] if planes[1] is not None else w0
@@ -399,7 +439,8 @@ def _our_converters(emitter: _Emitter):
         _EMITTER = None
 
 
-def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=None) -> LoweredModel:
+def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=None,
+                   kernel_schedules: dict[str, dict] | None = None) -> LoweredModel:
     """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...).
 
     ``int8_dot``: quantized matmuls whose format allows it run on the int8 dot-product kernels
@@ -407,6 +448,7 @@ def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=N
     them when False, on the float dequantizing kernels (:mod:`.kernels`).
     ``dot_kernels``: the module providing the int8 kernels (``TILE``, ``supports``, ``dot_planes``,
     ``int8_matmul``), :mod:`.kernels_int8` by default; the ARM target passes its ``sdot`` kernels.
+    ``kernel_schedules``: kernel name -> knob config (``qcompile tune``'s records, :mod:`qcompile.targets.kernel_tuning`).
     """
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
@@ -417,7 +459,7 @@ def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=N
     # our custom-domain nodes make onnx.checker complain inside from_onnx; that is expected
     import warnings  # noqa: PLC0415
 
-    emitter = _Emitter(int8_dot, dot)
+    emitter = _Emitter(int8_dot, dot, kernel_schedules)
     with _our_converters(emitter), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         mod = from_onnx(split, keep_params_in_input=False)
@@ -432,4 +474,4 @@ def lower_to_relax(model: onnx.ModelProto, int8_dot: bool = False, dot_kernels=N
     mod = relax.transform.BundleModelParams("params")(mod)
     log.info("lowered to Relax: %d functions, %d params; quantized matmul kernels %s",
              len(mod.functions), len(names), emitter.counts)
-    return LoweredModel(mod, names, params, num_inputs, dict(emitter.counts), layouts)
+    return LoweredModel(mod, names, params, num_inputs, dict(emitter.counts), layouts, dict(emitter.quant))
