@@ -45,6 +45,7 @@ log = logging.getLogger("gpu_decode")
 PROMPT = 64
 NEW = 64
 REPEATS = 3
+VULKAN_REPEATS = 1  # a Vulkan decode step creates buffers and bind groups for its new cache length: slow
 SEED = 0
 BPW = 4.25
 CHECK_STEPS = 6  # decode steps whose logits are compared with the reference (teacher forcing)
@@ -394,7 +395,7 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
         row.update(_check_logits(step, dict(np.load(ref_path)), failures, f"vulkan {name}"))
     prompt = _prompt(c["vocab_size"])
     rates = []
-    for _ in range(REPEATS):
+    for _ in range(VULKAN_REPEATS):
         reset()
         tok = int(np.argmax(step(prompt[None])))
         t0 = time.perf_counter()
@@ -406,7 +407,22 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
     log.info("decode vulkan %s: %.1f tok/s", name, row["tok_s"])
 
 
-def run(root: Path, results: dict, failures: list, vulkan_device=None) -> None:
+def run_parts(gpu_root: Path, results: dict, failures: list, save=lambda: None) -> None:
+    """What bench/gpu/gpu_check.py ``run`` adds for whole-model decode and Vulkan (each part failing alone;
+    ``save()`` after each, so that a crash of a driver keeps what was measured): ``<gpu_root>/vulkan``
+    (:mod:`bench.gpu.vulkan`: test models against x86, GEMV) and ``<gpu_root>/decode`` (this module)."""
+    from bench.gpu import vulkan as gpu_vulkan  # noqa: PLC0415
+
+    dec, vk = gpu_root / "decode", gpu_root / "vulkan"
+    device = gpu_vulkan.device_or_none(failures) if vk.is_dir() or any(dec.glob("*.vulkan.qcm")) else None
+    if (dec / "models.json").is_file():
+        run(dec, results, failures, device, save)
+    if vk.is_dir():
+        gpu_vulkan.run(vk, results, failures, device, save)
+    save()
+
+
+def run(root: Path, results: dict, failures: list, vulkan_device=None, save=lambda: None) -> None:
     """Every decode measurement into ``results["decode"]`` (each part failing alone)."""
     models = json.loads((root / "models.json").read_text())
     results.setdefault("decode", [])
@@ -425,12 +441,14 @@ def run(root: Path, results: dict, failures: list, vulkan_device=None) -> None:
             except Exception as e:  # noqa: BLE001  (the other measurements still run)
                 log.exception("decode %s %s", what, name)
                 failures.append(f"decode {what} {name}: {type(e).__name__}: {e}")
+            save()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=("build", "run"))
-    ap.add_argument("--dir", type=Path, default=Path(".gpu/decode"))
+    ap.add_argument("--dir", type=Path, default=Path(".gpu/decode"), help="build: where the artifacts go")
+    ap.add_argument("--gpu-root", type=Path, default=Path(".gpu"), help="run: the folder holding decode/ and vulkan/")
     ap.add_argument("--skip-1b", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
@@ -443,10 +461,18 @@ def main(argv=None) -> int:
     tvm, _ = _import_tvm_runtime()
     _load_cuda_runtime(tvm)
     results, failures = {"decode": [], "notes": []}, []
-    run(args.dir, results, failures)
     results["failures"] = failures
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+    def save():
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1) + "\n")
+
+    run_parts(args.gpu_root, results, failures, save)
+    for r in results["decode"]:
+        print(f"decode {r['target']:10s} {r['model']:45s} {r['bpw']:5.2f} bpw {r['tok_s']:8.1f} tok/s")
+    for r in results.get("gemv", []):
+        print(f"gemv {r['target']:14s} b{r['bits']} {r['N']}x{r['K']}: {r['us']:.1f} us {r['GBps']:.0f} GB/s")
+    print(f"failures: {failures or 'none'}")
     return 1 if failures else 0
 
 

@@ -3,8 +3,8 @@
     # build machine: WGSL GEMV plans (every width and shape of the CUDA GEMV table, several kernels each)
     # and the test models for Vulkan and x86 with their inputs and x86 outputs
     python -m bench.gpu.vulkan build --dir .gpu/vulkan
-    # GPU machine (called by bench/gpu/gpu_check.py run, VK_DRIVER_FILES set as DESIGN §7 says)
-    python -m bench.gpu.vulkan run --dir .gpu/vulkan --json $OUT/gpu_vulkan.json
+    # GPU machine: bench/gpu/gpu_check.py run, or python -m bench.gpu.decode run (VK_DRIVER_FILES set as
+    # DESIGN §7 says: bench/gpu/prepare_carry.sh shows the command)
 
 GEMV kernels (``kind``), each a one-call plan ``y[1, N] = x[1, K] @ dequantize(W).T``:
 
@@ -182,7 +182,8 @@ def _reference(fmt, params: dict, x: np.ndarray, n: int, k: int) -> np.ndarray:
     return x.astype(np.float64) @ w.reshape(n, k).T
 
 
-def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100, rounds: int = 5) -> None:
+def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100, rounds: int = 5,
+             save=lambda: None) -> None:
     from bench.gpu.decode import load_specs, random_params  # noqa: PLC0415
     from qcompile.runtime import vulkan  # noqa: PLC0415
 
@@ -220,6 +221,7 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
                 log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s  err %.2g", kind, bits, n, k,
                          row["us"], row["GBps"], err)
                 del sess
+            save()
 
 
 def run_models(root: Path, device, results: dict, failures: list) -> None:
@@ -234,8 +236,8 @@ def run_models(root: Path, device, results: dict, failures: list) -> None:
             for b in BATCHES:
                 y = sess.run(None, {"x": refs[f"{tag}/b{b}/x"]})[0]
                 err = _rel(y, refs[f"{tag}/b{b}/x86"])
-                results["models"].append({"model": name, "target": "vulkan", "bpw": bpw, "batch": b,
-                                          "rel_err_vs_x86": err})
+                results["vulkan_models"].append({"model": name, "target": "vulkan", "bpw": bpw, "batch": b,
+                                                 "rel_err_vs_x86": err})
                 log.info("vulkan model %-8s %.2f bpw batch %d: rel err vs x86 %.2g", name, bpw, b, err)
                 if not err < 1e-4:
                     failures.append(f"vulkan model {tag} batch {b}: rel err vs x86 {err:.3g}")
@@ -259,37 +261,30 @@ def device_or_none(failures: list):
         return None
 
 
-def run(root: Path, results: dict, failures: list, device=None) -> None:
-    for key in ("gemv", "gemv_variants", "checks", "models"):
+def run(root: Path, results: dict, failures: list, device=None, save=lambda: None) -> None:
+    for key in ("gemv", "gemv_variants", "checks", "vulkan_models"):
         results.setdefault(key, [])
     if device is None:
         return
-    results["vulkan_device"] = dict(device.adapter.info)
+    results["vulkan_device"] = {k: str(v) for k, v in dict(device.adapter.info).items()}
     for what, fn in (("models", lambda: run_models(root, device, results, failures)),
-                     ("gemv", lambda: run_gemv(root, device, results, failures))):
+                     ("gemv", lambda: run_gemv(root, device, results, failures, save=save))):
         try:
             fn()
         except Exception as e:  # noqa: BLE001
             log.exception("vulkan %s", what)
             failures.append(f"vulkan {what}: {type(e).__name__}: {e}")
+        save()
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("build", "run"))
+    ap.add_argument("step", choices=("build",))
     ap.add_argument("--dir", type=Path, default=Path(".gpu/vulkan"))
-    ap.add_argument("--json", type=Path)
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    if args.step == "build":
-        build(args.dir)
-        return 0
-    results, failures = {}, []
-    run(args.dir, results, failures, device_or_none(failures))
-    results["failures"] = failures
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=1) + "\n")
-    return 1 if failures else 0
+    build(args.dir)  # run: python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
+    return 0
 
 
 if __name__ == "__main__":

@@ -1,0 +1,178 @@
+"""What the GPU decode benchmark (bench/gpu/decode.py, bench/gpu/vulkan.py) relies on, checked without a
+GPU: artifacts run on generated parameters of the exact names/shapes/dtypes, the generator passes the KV
+cache between steps as device tensors, the WGSL GEMV and the greedy argmax kernel compute what numpy
+does (Vulkan on Mesa lavapipe)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+from safetensors.numpy import load_file
+
+from bench.gpu import decode as gpu_decode
+from bench.gpu import vulkan as gpu_vulkan
+from qcompile.compiler.driver import CompileOptions, compile_model
+from qcompile.compiler.frontends import DecoderConfig, build_decoder
+from qcompile.compiler.frontends.decoder import expected_weights
+from qcompile.runtime import ArtifactError, Session
+from qcompile.runtime.manifest import PARAMS, param_specs
+
+CONFIG = DecoderConfig(family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
+                       num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_positions=256)
+
+
+def _vulkan_available() -> bool:
+    try:
+        from qcompile.runtime.vulkan import request_device
+
+        request_device()
+        return True
+    except Exception:  # noqa: BLE001  (no wgpu, no driver)
+        return False
+
+
+needs_vulkan = pytest.mark.skipif(not _vulkan_available(), reason="no Vulkan device (apt-get install mesa-vulkan-drivers)")
+
+
+@pytest.fixture(scope="module")
+def decoder(tmp_path_factory):
+    d = tmp_path_factory.mktemp("decoder")
+    rng = np.random.default_rng(0)
+    weights = {n: (0.05 * rng.standard_normal(s)).astype(np.float32) for n, s in expected_weights(CONFIG).items()}
+    model = build_decoder(CONFIG, weights)
+    onnx.save(model, d / "tiny.onnx")
+    return model, d
+
+
+def test_random_params_match_the_artifact(decoder, tmp_path):
+    """The stripped artifact lists its params' names, shapes, dtypes; the generated arrays have exactly
+    those (the same on every call), and the runtime runs on them, refusing to run without them."""
+    model, d = decoder
+    full = compile_model(d / "tiny.onnx", tmp_path / "x.qcm", CompileOptions(target="x86", bpw=4.25,
+                                                                               min_weights=1024, fuse=False)).path
+    art = gpu_decode.strip_artifact(full, tmp_path / "strip" / "tiny.x86.qcm")
+    assert not (art / PARAMS).exists()
+    stored = load_file(str(full / PARAMS))
+    specs = gpu_decode.load_specs(art)
+    assert specs == param_specs(full / PARAMS)
+    params = gpu_decode.random_params(specs)
+    assert sorted(params) == sorted(stored)
+    for name, a in stored.items():
+        assert params[name].shape == a.shape and params[name].dtype == a.dtype, name
+    again = gpu_decode.random_params(specs)
+    assert all(np.array_equal(params[n], again[n]) for n in params)
+    with pytest.raises(ArtifactError, match=PARAMS):
+        Session(art)
+    tokens = Session(art, params=params).generate([5, 6, 7], 4)
+    assert len(tokens) == 4
+
+
+def test_generator_keeps_the_cache_on_the_device(decoder, tmp_path):
+    """Each step's ``present`` outputs go back as the next ``past`` inputs unchanged (no host copy)."""
+    _, d = decoder
+    art = compile_model(d / "tiny.onnx", tmp_path / "x.qcm", CompileOptions(target="x86", bpw=4.25, min_weights=1024,
+                                                                              fuse=False)).path
+    sess = Session(art)
+    calls = []
+    run_device = sess.run_device
+
+    def spy(args):
+        outs = run_device(args)
+        calls.append((args, outs))
+        return outs
+
+    sess.run_device = spy
+    sess.generate([1, 2, 3], 4)
+    assert len(calls) == 4
+    n_past = len(sess.generator().past)
+    for (_, outs), (args, _) in zip(calls, calls[1:]):
+        past_args = args[1:1 + n_past]
+        assert all(a is o for a, o in zip(past_args, outs[1:]))
+        assert all(type(a).__name__ == "Tensor" for a in past_args)
+
+
+@needs_vulkan
+def test_vulkan_decoder_on_generated_params_matches_onnxruntime(decoder, tmp_path):
+    """bench.gpu.decode's check, small: the Vulkan decoder (decode steps on the GEMV plan) with generated
+    parameters against onnxruntime on the same parameters decoded by numpy."""
+    from qcompile.runtime import vulkan
+
+    model, d = decoder
+    full = compile_model(d / "tiny.onnx", tmp_path / "v.qcm", CompileOptions(target="vulkan", bpw=4.25,
+                                                                               min_weights=1024)).path
+    plan = json.loads((full / "plan.json").read_text())
+    assert plan["variants"][0]["when"] == {"batch": 1, "seq": 1}
+    wgsl = {c.split("\n", 1)[0]: c for c in (full / "kernels.wgsl").read_text().split("// qcompile-kernel: ")[1:]}
+    qmatmuls = {name: src for name, src in wgsl.items() if "qmatmul_" in name}
+    # the decode step's quantized matmuls are the GEMV kernel (its reduction buffer), the prefill's dlight's
+    assert qmatmuls and all(("var<workgroup> red" in src) == name.startswith("v0/") for name, src in qmatmuls.items())
+    art = gpu_decode.strip_artifact(full, tmp_path / "strip" / "tiny.vulkan.qcm")
+    ref = gpu_decode.reference(model, full, steps=3)
+    sess = vulkan.Session(art, params=gpu_decode.random_params(gpu_decode.load_specs(art)))
+    past_names = [i.name for i in sess.inputs if i.name.startswith("past_key_values")]
+    past = {n: np.zeros((1, CONFIG.num_kv_heads, 0, CONFIG.head_dim), np.float32) for n in past_names}
+    ids = ref["prompt"][None]
+    for i in range(4):
+        outs = sess.run(None, {"input_ids": ids, **past})
+        past = dict(zip(past_names, outs[1:]))
+        assert gpu_decode._rel(outs[0][0, -1], ref["logits"][i]) < 1e-5
+        ids = np.array([[ref["tokens"][i]]], np.int64)
+
+
+@needs_vulkan
+@pytest.mark.parametrize("bits, n, k, config", [(2, 40, 256, None), (3, 36, 256, (4, 64)), (4, 100, 384, None),
+                                                (5, 17, 256, (16, 64)), (6, 20, 512, (4, 64)), (8, 64, 128, (8, 32))])
+def test_vulkan_gemv_kernel(tmp_path, bits, n, k, config):
+    """targets.vulkan.kernels.gemv against float64 numpy: every width, N not a multiple of the rows,
+    K not a multiple of the threads' chunks."""
+    from qcompile.runtime import vulkan
+    from qcompile.targets.vulkan.kernels import GemvConfig
+
+    art = gpu_vulkan.build_gemv(tmp_path, "vulkan", bits, n, k, GemvConfig(*config) if config else None)
+    params = gpu_decode.random_params(gpu_decode.load_specs(art))
+    x = np.random.default_rng(bits).standard_normal((1, k)).astype(np.float32)
+    ref = gpu_vulkan._reference(gpu_vulkan._fmt(bits), params, x, n, k)
+    (y,) = vulkan.Session(art, params=params).run(None, {"x": x})
+    assert gpu_decode._rel(y, ref) < 1e-5
+
+
+@needs_vulkan
+@pytest.mark.parametrize("vocab", [1000, 4096])
+def test_greedy_argmax_kernel(tmp_path, vocab):
+    """targets.cuda.sampling.argmax_last (run through the WGSL path: same TIR) equals np.argmax of the last
+    position, the first index among ties."""
+    from tvm import relax
+
+    from qcompile.runtime import vulkan
+    from qcompile.runtime.manifest import FORMAT_VERSION, sha256_file
+    from qcompile.targets.cuda.sampling import argmax_last
+    from qcompile.targets.vulkan.build import build_plan
+
+    bb = relax.BlockBuilder()
+    logits = relax.Var("logits", relax.TensorType([2, 3, vocab], "float32"))
+    with bb.function("main", [logits]):
+        gv = bb.add_func(argmax_last(vocab, threads=256), "argmax_last")
+        with bb.dataflow():
+            out = bb.emit_output(relax.call_tir(gv, [logits], relax.TensorType([2], "int32")))
+        bb.emit_func_output(out)
+    mod = bb.get()
+    mod["main"] = mod["main"].with_attr("num_input", 1)
+    files = build_plan(mod, [], 1, tmp_path)
+    from safetensors.numpy import save_file
+
+    save_file({}, str(tmp_path / PARAMS))
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "format_version": FORMAT_VERSION, "target": {"device": "vulkan"}, "params": [], "tensors": [], "bpw": {},
+        "inputs": [{"name": "logits", "dtype": "float32", "shape": [2, 3, vocab]}],
+        "outputs": [{"name": "ids", "dtype": "int32", "shape": [2]}],
+        "files": {f: sha256_file(tmp_path / f) for f in [*files, PARAMS]}}))
+    sess = vulkan.Session(tmp_path)
+    x = np.random.default_rng(vocab).standard_normal((2, 3, vocab)).astype(np.float32)
+    x[1, 2, [7, vocab - 3]] = 50.0  # a tie: the first index wins
+    (ids,) = sess.run(None, {"logits": x})
+    assert ids.tolist() == np.argmax(x[:, -1], axis=-1).tolist() == [ids[0], 7]
+    shutil.rmtree(tmp_path)
