@@ -468,7 +468,7 @@ def run(root: Path, json_paths: list[Path]) -> int:
     except Exception as e:  # noqa: BLE001
         log.exception("dlight mlp")
         failures.append(f"dlight mlp: {type(e).__name__}: {e}")
-    if not any(root.glob("smollm2_*.tokens.json")):
+    if not any(root.glob("smollm2_*.tokens.json")) and not (root.parent / "decode" / "models.json").is_file():
         results["notes"].append("decode: not measured; SmolLM2-135M at 4.25 bpw (72 MB of params) is larger than "
                                 "what travels to the GPU machine (64 MiB with the runtime)")
     try:
@@ -482,6 +482,16 @@ def run(root: Path, json_paths: list[Path]) -> int:
     results["notes"].append("timings: " + ("eager launches (CUDA graph capture failed)" if timer.eager else
                                            "CUDA graph replays of launches over L2-exceeding weight copies"))
     results["failures"] = failures
+    # last (a Vulkan driver crash must not cost the rows above): whole-model decode (CUDA, torch fp16,
+    # Vulkan) from <root>/../decode, the Vulkan target's models and GEMV from <root>/../vulkan
+    from bench.gpu import decode as gpu_decode  # noqa: PLC0415
+
+    def save() -> None:  # after each of its parts
+        for p in json_paths:
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(json.dumps(results, indent=1) + "\n")
+
+    gpu_decode.run_parts(root.parent, results, failures, save)
     for p in json_paths:
         p.parent.mkdir(parents=True, exist_ok=True)
         p.write_text(json.dumps(results, indent=1) + "\n")
