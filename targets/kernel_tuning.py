@@ -62,6 +62,7 @@ class KernelTuning:
     settings: int  # settings measured (valid measurements)
     reused: bool = False  # from an earlier run's record
     failed: list[str] = field(default_factory=list)  # settings x M without a valid measurement
+    measured: dict[str, dict[int, float]] = field(default_factory=dict)  # setting (config_name) -> M -> seconds
 
     def speedup(self, rows: int) -> float | None:
         d, t = self.default_s.get(rows), self.tuned_s.get(rows)
@@ -71,7 +72,8 @@ class KernelTuning:
         return {"config": self.config, "K": kernel.k, "N": kernel.n, "rows": target_rows,
                 "default_us": {str(m): s * 1e6 for m, s in self.default_s.items()},
                 "tuned_us": {str(m): s * 1e6 for m, s in self.tuned_s.items()},
-                "settings_measured": self.settings}
+                "settings_measured": self.settings,
+                "measured_us": {c: {str(m): s * 1e6 for m, s in t.items()} for c, t in self.measured.items()}}
 
 
 def records_path(db_root: str | Path, tvm_target: dict) -> Path:
@@ -125,7 +127,7 @@ def _arg_info(func, rows: int):
 
     args = []
     for p in func.params:
-        buf = func.buffer_map[p]
+        buf = p.ty  # a tirx.BufferType: the param is the buffer
         shape = [int(d) if isinstance(d, tirx.IntImm) else rows for d in buf.shape]
         args.append(ms.arg_info.TensorInfo(str(buf.dtype), shape))
     return args
@@ -184,10 +186,15 @@ def _tune_one(kernel, tvm_target: dict, trials: int, runner, rows: list[int]) ->
         log.warning("%s: the default setting has no valid measurement; not recorded (tried again next run)",
                     kernel.name)
         return None
-    measured = len({i for i, _ in times})
+    per_setting: dict[str, dict[int, float]] = {}
+    for (i, m), t in sorted(times.items()):
+        per_setting.setdefault(config_name(settings[i]), {})[m] = t
     result = KernelTuning(kernel.name, kernel.calls, rows, settings[chosen], {m: times[0, m] for m in rows},
-                          {m: times[chosen, m] for m in rows}, measured, failed=failed)
-    log.info("%s: %s of %d settings (%s)", kernel.name, config_name(settings[chosen]), measured,
+                          {m: times[chosen, m] for m in rows}, len(per_setting), failed=failed,
+                          measured=per_setting)
+    for name, t in per_setting.items():
+        log.debug("%s %s: %s", kernel.name, name, ", ".join(f"M={m}: {s * 1e6:.1f} us" for m, s in t.items()))
+    log.info("%s: %s of %d settings (%s)", kernel.name, config_name(settings[chosen]), len(per_setting),
              ", ".join(f"M={m}: {result.default_s[m] * 1e6:.1f} -> {result.tuned_s[m] * 1e6:.1f} us" for m in rows))
     return result
 
@@ -209,7 +216,9 @@ def tune_kernels(quant_kernels: dict, tvm_target: dict, db_root: str | Path, tri
             out.append(KernelTuning(name, kernel.calls, list(rec["rows"]), rec["config"],
                                     {int(m): us * 1e-6 for m, us in rec["default_us"].items()},
                                     {int(m): us * 1e-6 for m, us in rec["tuned_us"].items()},
-                                    rec.get("settings_measured", 0), reused=True))
+                                    rec.get("settings_measured", 0), reused=True,
+                                    measured={c: {int(m): us * 1e-6 for m, us in t.items()}
+                                              for c, t in rec.get("measured_us", {}).items()}))
             continue
         rows = measure_rows(kernel, prefill_rows)
         t0 = time.perf_counter()

@@ -342,3 +342,79 @@ def test_compile_applies_kernel_records(tmp_path):
         fake = ort.InferenceSession(decode_to_float(tuned.quantized_model).SerializeToString(),
                                     providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
         assert np.abs(y1 - fake).max() < 0.05 * np.abs(fake).max()  # int8 activations' rounding only
+
+
+# -- slow tier: a tiny decoder tuned locally and over a loopback RPC tracker ------------------------------
+
+DECODER_TRIALS = 2  # knob settings per kernel: the default and one other
+PREFILL = 8  # the prefill M measured, and the timed prompt length (the tiny model has 64 positions)
+
+
+@pytest.fixture(scope="module")
+def tiny_decoder(tmp_path_factory):
+    from tests.test_llm_frontend import tiny_hf_model
+
+    d = tmp_path_factory.mktemp("tiny-decoder")
+    tiny_hf_model("llama", seed=3).save_pretrained(d / "hf", safe_serialization=True)
+    return d, CompileOptions(bpw=4.25, min_weights=0)
+
+
+def _records_cover(db, report):
+    records = kernel_tuning.load_records(db, resolve_target("x86").tvm)
+    assert {k.name for k in report.quant_kernels} <= set(records)
+    for k in report.quant_kernels:
+        assert records[k.name]["rows"] == [1, PREFILL]  # a decode step and a prompt: the M is symbolic
+        assert records[k.name]["config"] == k.config
+    return records
+
+
+@pytest.mark.slow
+def test_tune_a_decoder_locally(tiny_decoder):
+    import qcompile.runtime as rt
+
+    d, opts = tiny_decoder
+    report = tune_model(d / "hf", opts, d / "db", DECODER_TRIALS, prefill_rows=PREFILL, decode_steps=4)
+    assert len(report.quant_kernels) >= 3 and not any(k.reused for k in report.quant_kernels)
+    for k in report.quant_kernels:
+        assert k.settings == DECODER_TRIALS and set(k.default_s) == set(k.tuned_s) == {1, PREFILL}
+    records = _records_cover(d / "db", report)
+    if report.model_default_ms is not None:  # some kernel took another setting: the model was timed
+        assert report.decoder and report.prefill_default_ms and report.model_tuned_ms > 0
+    # a second run measures nothing and reports the records
+    again = tune_model(d / "hf", opts, d / "db", DECODER_TRIALS, prefill_rows=PREFILL, time_model=False)
+    assert all(k.reused for k in again.quant_kernels) and again.kernel_seconds < 5
+    # a compile with the database builds every recorded kernel with its config and decodes alike
+    plain = compile_model(d / "hf", d / "plain.qcm", opts)
+    tuned = compile_model(d / "hf", d / "tuned.qcm", replace(opts, tuning_db=str(d / "db")))
+    assert tuned.manifest["tuning"]["tuned_kernels"] == {k: r["config"] for k, r in records.items()}
+    prompt = [5, 77, 140, 3, 250, 31]
+    assert rt.load(plain.path).generate(prompt, 8) == rt.load(tuned.path).generate(prompt, 8)
+
+
+@pytest.mark.slow
+def test_tune_a_decoder_over_a_loopback_tracker_with_two_servers(tiny_decoder):
+    from qcompile.targets.rpc_local import LoopbackCluster
+
+    import threading
+    import time
+
+    d, opts = tiny_decoder
+    with LoopbackCluster(servers=2, key="qknobs") as cluster:
+        killed_after = []
+
+        def kill_server_0_mid_run():  # a device lost: its measurements fail, the run goes on
+            deadline = time.monotonic() + 600
+            while cluster.sessions(0) < 3 and time.monotonic() < deadline:
+                time.sleep(0.2)
+            killed_after.append(cluster.sessions(0))
+            cluster.kill(0)
+
+        killer = threading.Thread(target=kill_server_0_mid_run)
+        killer.start()
+        report = tune_model(d / "hf", opts, d / "db-rpc", DECODER_TRIALS, tracker=cluster.tracker, key="qknobs",
+                            prefill_rows=PREFILL, time_model=False)
+        killer.join()
+        served = [cluster.sessions(0), cluster.sessions(1)]
+    assert killed_after and killed_after[0] >= 3 and served[1] > 0  # both measured, then server 1 alone
+    assert report.quant_kernels
+    _records_cover(d / "db-rpc", report)  # what was measured is recorded; the rest is tuned by a later run
