@@ -107,14 +107,15 @@ def decoded_weights(manifest: dict, params: dict) -> dict[str, np.ndarray]:
     return out
 
 
-def strip_artifact(full: Path, out: Path) -> Path:
-    """Copy artifact ``full`` to ``out`` without its params.safetensors; write ``<out>.params.json``."""
+def strip_artifact(full: Path, out: Path, specs: dict | None = None) -> Path:
+    """Copy artifact ``full`` to ``out`` without its params.safetensors; write ``<out>.params.json`` (the
+    parameters' names, shapes and dtypes: ``specs``, else read from the params file's header)."""
     from qcompile.runtime.manifest import PARAMS, param_specs  # noqa: PLC0415
 
     if out.exists():
         shutil.rmtree(out)
     shutil.copytree(full, out, ignore=shutil.ignore_patterns(PARAMS))
-    specs = param_specs(full / PARAMS)
+    specs = specs if specs is not None else param_specs(full / PARAMS)
     out.with_suffix(".params.json").write_text(json.dumps(specs))
     log.info("%s: %d params, %.1f MB generated on the GPU machine", out.name, len(specs),
              sum(np.prod(s["shape"]) * np.dtype(s["dtype"]).itemsize for s in specs.values()) / 1e6)

@@ -13,7 +13,7 @@ GEMV kernels (``kind``), each a one-call plan ``y[1, N] = x[1, K] @ dequantize(W
 - ``dlight_symbolic_m``: the same definition with a symbolic M (what a KV-cache model's decode step ran
   before :func:`qcompile.targets.vulkan.kernels.gemv`: dlight's matmul schedule), 4-bit only;
 - ``vulkan``: :func:`qcompile.targets.vulkan.kernels.gemv` with its default launch shape (the decode
-  plans use it), and ``r{rows}t{threads}`` variants of it at 2 and 4 bits.
+  plans use it), and ``r{rows}t{threads}[s]`` variants of it at 2 and 4 bits (s: x staged in workgroup memory).
 
 The weights are generated on the GPU machine (random, seeded per name: ``bench.gpu.decode.random_params``),
 since 18 shapes x widths of weights do not travel; every kernel of one width and shape gets the same
@@ -25,9 +25,12 @@ GB/s counting packed codes + fp16 scales and zeros + float32 x and y, as the CUD
 from __future__ import annotations
 
 import argparse
+import functools
+import hashlib
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -39,7 +42,8 @@ log = logging.getLogger("gpu_vulkan")
 BITS = (2, 3, 4, 5, 6, 8)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K), as the CUDA GEMV rows
 GROUP = 128
-VARIANTS = ((4, 64), (8, 128), (16, 64), (4, 128), (8, 32))  # (rows, threads) besides the default
+VARIANTS = ((8, 64, False), (4, 64, True), (8, 128, True), (16, 64, True), (4, 128, True), (8, 32, True),
+            (16, 128, True))  # (rows, threads, smem_x) besides the default GemvConfig()
 VARIANT_BITS = (2, 4)
 CACHE_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
@@ -87,9 +91,7 @@ def gemv_module(kernel, fmt, n: int, k: int):
 def build_gemv(out: Path, kind: str, bits: int, n: int, k: int, config=None) -> Path:
     """A Vulkan artifact of one GEMV kernel (``kind``), without its weights (``<dir>.params.json``
     lists them): plan, WGSL, and a manifest naming the generated weights' hash."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
-    from bench.gpu.decode import random_params, strip_artifact  # noqa: PLC0415
+    from bench.gpu.decode import strip_artifact  # noqa: PLC0415
     from qcompile.runtime.manifest import FORMAT_VERSION, PARAMS, sha256_file  # noqa: PLC0415
     from qcompile.targets.vulkan import kernels  # noqa: PLC0415
     from qcompile.targets.vulkan.build import build_plan  # noqa: PLC0415
@@ -107,16 +109,28 @@ def build_gemv(out: Path, kind: str, bits: int, n: int, k: int, config=None) -> 
     files = build_plan(gemv_module(f, fmt, n, k), names, 1, full)
     specs = {nm: {"dtype": "uint32", "shape": [n, k * pb // 32]} for nm, pb in zip(names, fmt.planes)}
     specs |= {nm: {"dtype": "float16", "shape": [n, k // fmt.group_size]} for nm in names[-2:]}
-    save_file(random_params(specs), str(full / PARAMS))
+    (full / PARAMS).unlink(missing_ok=True)
     manifest = {"format_version": FORMAT_VERSION,
                 "target": {"name": "vulkan", "tvm": {"kind": "webgpu"}, "device": "vulkan", "arch": "any"},
                 "inputs": [{"name": "x", "dtype": "float32", "shape": [1, k]}],
                 "outputs": [{"name": "y", "dtype": "float32", "shape": [1, n]}],
                 "params": names, "tensors": [], "bpw": {"format": fmt.name},
                 "kernel": {"kind": kind, "config": repr(config) if config else None},
-                "files": {f_: sha256_file(full / f_) for f_ in [*files, PARAMS]}}
+                "files": {**{f_: sha256_file(full / f_) for f_ in files}, PARAMS: _params_digest(json.dumps(specs))}}
     (full / "manifest.json").write_text(json.dumps(manifest, indent=1))
-    return strip_artifact(full, out / full.name)
+    art = strip_artifact(full, out / full.name, specs)
+    shutil.rmtree(full)
+    return art
+
+
+@functools.lru_cache(maxsize=4)
+def _params_digest(specs_json: str) -> str:
+    """sha256 of the safetensors file of the generated weights (the manifest names it; it never exists)."""
+    from safetensors.numpy import save  # noqa: PLC0415
+
+    from bench.gpu.decode import random_params  # noqa: PLC0415
+
+    return hashlib.sha256(save(random_params(json.loads(specs_json)))).hexdigest()
 
 
 def build(out: Path) -> None:
@@ -131,8 +145,9 @@ def build(out: Path) -> None:
             if bits == 4:
                 build_gemv(out, "dlight_symbolic_m", bits, n, k)
             if bits in VARIANT_BITS:
-                for rows, threads in VARIANTS:
-                    build_gemv(out, f"r{rows}t{threads}", bits, n, k, GemvConfig(rows, threads))
+                for rows, threads, smem_x in VARIANTS:
+                    build_gemv(out, f"r{rows}t{threads}" + ("s" if smem_x else ""), bits, n, k,
+                               GemvConfig(rows, threads, smem_x))
     log.info("GEMV plans in %.0f s", time.perf_counter() - t0)
     build_models(out)
 

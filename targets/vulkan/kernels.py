@@ -82,15 +82,17 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, m: int | None = None):
 
 
 class GemvConfig:
-    """Launch shape of :func:`gemv`: ``rows`` output channels per workgroup of ``threads`` invocations."""
+    """Launch shape of :func:`gemv`: ``rows`` output channels per workgroup of ``threads`` invocations;
+    ``smem_x``: each step's x staged in workgroup memory by coalesced loads (an invocation's own 32
+    values are 128 contiguous bytes: read directly, a warp's load touches 32 cache lines)."""
 
-    def __init__(self, rows: int = 8, threads: int = 64):
+    def __init__(self, rows: int = 8, threads: int = 64, smem_x: bool = True):
         if threads & (threads - 1) or threads < rows:
             raise ValueError(f"gemv: threads={threads} must be a power of two >= rows={rows}")
-        self.rows, self.threads = rows, threads
+        self.rows, self.threads, self.smem_x = rows, threads, bool(smem_x)
 
     def __repr__(self) -> str:
-        return f"GemvConfig(rows={self.rows}, threads={self.threads})"
+        return f"GemvConfig(rows={self.rows}, threads={self.threads}, smem_x={self.smem_x})"
 
 
 def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
@@ -103,7 +105,9 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
     if k % g or g % CHUNK:
         raise ValueError(f"gemv: K={k} must divide by the group {g}, a multiple of {CHUNK}")
     cfg = config or GemvConfig()
-    rows, threads = cfg.rows, cfg.threads
+    rows, threads, smem_x = cfg.rows, cfg.threads, cfg.smem_x
+    span = threads * CHUNK  # x values a step covers
+    pad = CHUNK + 1  # x in workgroup memory: an invocation's chunk at tx * 33 (no bank conflicts)
     two = len(planes) > 1
     p0, p1 = planes[0], planes[-1]
     v0, v1 = CHUNK * p0 // 32, CHUNK * p1 // 32  # words of each plane per chunk
@@ -137,6 +141,7 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
             for nb in T.thread_binding(blocks, thread="blockIdx.x"):
                 for tx in T.thread_binding(threads, thread="threadIdx.x"):
                     red = T.alloc_buffer((2, rows, threads), "float32", scope="shared")
+                    xsh = T.alloc_buffer((threads * pad if smem_x else 1,), "float32", scope="shared")
                     acc = T.alloc_buffer((rows,), "float32", scope="local")
                     xv = T.alloc_buffer((CHUNK,), "float32", scope="local")
                     a0 = T.alloc_buffer((rows, v0), "uint32", scope="local")
@@ -146,6 +151,13 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
                     for r in T.unroll(rows):
                         acc[r] = T.float32(0)
                     for st in range(steps):
+                        if smem_x:
+                            T.tvm_storage_sync("shared")  # the last step's reads are done
+                            for i in T.unroll(CHUNK):
+                                if st * span + i * threads + tx < k:
+                                    xsh[(i * threads + tx) // CHUNK * pad + (i * threads + tx) % CHUNK] = x[
+                                        mb, st * span + i * threads + tx]
+                            T.tvm_storage_sync("shared")
                         if st * threads + tx < chunks:
                             for r in T.unroll(rows):
                                 if nb * rows + r < n:
@@ -157,9 +169,13 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
                                             for j1 in T.vectorized(q1):
                                                 a1[r, j0 * q1 + j1] = w1[nb * rows + r,
                                                                          (st * threads + tx) * v1 + j0 * q1 + j1]
-                            for i0 in T.unroll(CHUNK // 4):
-                                for i1 in T.vectorized(4):
-                                    xv[i0 * 4 + i1] = x[mb, (st * threads + tx) * CHUNK + i0 * 4 + i1]
+                            if smem_x:
+                                for i in T.unroll(CHUNK):
+                                    xv[i] = xsh[tx * pad + i]
+                            else:
+                                for i0 in T.unroll(CHUNK // 4):
+                                    for i1 in T.vectorized(4):
+                                        xv[i0 * 4 + i1] = x[mb, (st * threads + tx) * CHUNK + i0 * 4 + i1]
                             xs[0] = T.float32(0)
                             for i in T.unroll(CHUNK):
                                 xs[0] = xs[0] + xv[i]
