@@ -1,0 +1,316 @@
+"""Launch-shape sweep of the CUDA GEMVs on the GPU machine: per-device tuning of :mod:`qcompile.targets.cuda.
+kernels_int8` (``TUNED``) from one call.
+
+Every width (2, 3, 4, 5, 6, 8 bits, group 128) x shape (N x K = 4096x4096, 4096x14336, 14336x4096) x
+launch shape (:data:`CONFIGS`) of the int8-activation GEMV, next to the float GEMV (:func:`.kernels.gemv`,
+its default and the 8-bit variants), each checked against numpy before it is timed:
+
+- int8 kernels against the x86 int8 reference (same activation quantization, float64 sums): rel err < 1e-5;
+- float kernels against float64 ``x @ dequantize(W).T``: rel err < 1e-5;
+- odd shapes (N not a multiple of the rows, K of 3 or 11 blocks, groups of 32, M = 1, 3, 5).
+
+Timing as bench/gpu/gpu_check.py (CUDA-graph replays over weight copies exceeding L2, median), twice in
+opposite orders; batch 8 once.  ``pick`` is, per (bits, shape class), the config with the lowest mean of
+the two batch-1 timings: paste it into ``kernels_int8.TUNED``.
+
+    python -m bench.gpu.gemv_sweep build --dir .gpu/sweep                         # here (TVM, nvcc)
+    python -m bench.gpu.gemv_sweep run --dir .gpu/sweep --json $OUT/gpu_gemv_sweep.json   # GPU machine
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from bench.gpu.gpu_check import (BITS, GROUP, L2_BYTES, SHAPES, _copy_bandwidth, _gemv_bytes, _random_weight,
+                                 _reference, _rel, _Timer, int8_reference)
+
+log = logging.getLogger("gemv_sweep")
+
+# rows per warp, warps on rows, warps on K, chunk (0: 16-byte loads of the first plane), unroll, s: x
+# quantized once per block into shared memory (else per warp in registers)
+CONFIGS = ("r8w2k2c0u1", "r8w1k4c0u1", "r8w4k1c0u1", "r4w4k2c0u1", "r8w2k4c0u1", "r8w4k2c0u1", "r4w2k4c0u1",
+           "r8w2k2c0u2", "r16w1k4c0u1", "r16w2k2c0u1",
+           "r8w2k2c0u1s", "r8w4k2c0u1s", "r4w4k2c0u1s", "r8w4k1c0u1s", "r4w8k1c0u1s", "r8w2k4c0u1s", "r16w2k2c0u1s",
+           "r8w4k2c0u2s", "r4w8k2c0u1s", "r8w8k1c0u1s")
+EXTRA = {2: ("r8w2k2c32u1", "r8w2k2c128u1", "r8w4k2c32u1s", "r8w4k2c128u1s"),
+         3: ("r8w2k2c32u1", "r8w4k2c32u1s", "r16w2k2c32u1s"),
+         8: ("r8w2k2c64u1", "r8w4k2c64u1s")}
+F32_VARIANTS = ((8, 4, 1, False, False), (8, 8, 2, True, False), (4, 4, 1, False, False), (16, 4, 1, False, False))
+ODD = ((100, 96, 32, 3), (24, 352, 32, 5), (72, 4096, 32, 1))  # (N, K, group, M)
+ODD_CONFIGS = ("r8w2k2c0u1", "r8w4k1c0u1", "r4w2k4c0u2", "r16w1k4c0u1", "r8w2k2c0u1s", "r4w8k2c0u2s")
+CLASSES = {(4096, 4096): "square", (4096, 14336): "wide_k", (14336, 4096): "tall_n"}
+BATCH = 8
+SWEEP_BITS = (4, 2, 3, 5, 6, 8)  # the 4-bit goal first: a run cut off at its time limit has it
+
+
+def _config(name: str, bits: int):
+    """An Int8GemvConfig from a sweep name (``c0``: the first plane's 16-byte chunk, 32 codes at least)."""
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+    from qcompile.targets.cuda.kernels_int8 import Int8GemvConfig  # noqa: PLC0415
+
+    cfg = Int8GemvConfig.parse(name)
+    if cfg.chunk == 0:
+        p0 = WeightFormat(bits, GROUP).planes[0]
+        cfg = dataclasses.replace(cfg, chunk=max(32, 128 // p0))
+    return cfg
+
+
+def _configs(bits: int) -> list[str]:
+    names = []
+    for c in (*CONFIGS, *EXTRA.get(bits, ())):
+        name = _config(c, bits).name
+        if name not in names:
+            names.append(name)
+    return names
+
+
+def _sass_only():
+    """TVM's CUDA compile callback -> ``nvcc --fatbin -gencode arch=compute_90,code=sm_90`` (no PTX)."""
+    import contextlib  # noqa: PLC0415
+    import subprocess  # noqa: PLC0415
+    import tempfile  # noqa: PLC0415
+
+    import tvm_ffi  # noqa: PLC0415
+
+    from qcompile.targets.cuda.build import nvcc_path  # noqa: PLC0415
+
+    def compile_(code):
+        with tempfile.TemporaryDirectory() as tmp:
+            src, fat = Path(tmp) / "k.cu", Path(tmp) / "k.fatbin"
+            src.write_text(code)
+            proc = subprocess.run([nvcc_path(), "--fatbin", "-O3", "-gencode", "arch=compute_90,code=sm_90", "-o",
+                                   str(fat), str(src)], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"nvcc failed:\n{proc.stderr[-4000:]}")
+            return bytearray(fat.read_bytes())
+
+    @contextlib.contextmanager
+    def ctx():
+        previous = tvm_ffi.get_global_func("tvm_callback_cuda_compile", allow_missing=True)
+        tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_, override=True)
+        try:
+            yield
+        finally:
+            if previous is not None:
+                tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
+
+    return ctx()
+
+
+def build(out: Path, smoke: bool = False) -> None:
+    import tvm  # noqa: PLC0415
+
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+    from qcompile.targets.cuda import build as cuda_build  # noqa: PLC0415
+    from qcompile.targets.cuda import kernels, kernels_int8  # noqa: PLC0415
+
+    out.mkdir(parents=True, exist_ok=True)
+    funcs, table = {}, []
+
+    def add(name, f, **row):
+        funcs[name] = f
+        table.append({"kernel": name, **row})
+
+    t0 = time.perf_counter()
+    for bits in BITS:
+        fmt = WeightFormat(bits, GROUP)
+        for n, k in SHAPES[:1] if smoke else SHAPES:
+            base = dict(bits=bits, N=n, K=k, group=GROUP)
+            add(f"f32_default_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n), kind="float", config="default", **base)
+            if bits == 8:
+                for v in F32_VARIANTS:
+                    vn = "f32_r{}k{}g{}{}".format(v[0], v[1], v[2], "s" if v[3] else "")
+                    add(f"{vn}_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n, kernels.GemvConfig(*v)), kind="float",
+                        config=vn[4:], **base)
+            for c in _configs(bits)[:2] if smoke else _configs(bits):
+                add(f"i8_{c}_b{bits}_n{n}_k{k}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
+                    kind="int8", config=c, **base)
+        for n, k, g, m in ODD:
+            fmt = WeightFormat(bits, g)
+            for c in ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS:
+                c = _config(c, bits).name
+                add(f"odd_i8_{c}_b{bits}_n{n}_k{k}_g{g}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
+                    kind="int8", config=c, bits=bits, N=n, K=k, group=g, M=m, odd=True)
+    log.info("%d kernels defined in %.1f s", len(funcs), time.perf_counter() - t0)
+    mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    cuda_build.ensure_cuda_codegen()
+    with _sass_only(), target:  # ~500 kernels: their PTX would not fit what travels to the GPU machine
+        lib = tvm.compile(mod, target=target)
+    lib.export_library(str(out / "sweep.so"))
+    (out / "sweep.json").write_text(json.dumps(table, indent=0))
+    log.info("sweep.so: %d kernels in %.1f s", len(funcs), time.perf_counter() - t0)
+
+
+# ------------------------------------------------------------------------------------------------ run
+
+
+def run(root: Path, json_path: Path) -> int:
+    import torch  # noqa: PLC0415
+
+    import qcompile.runtime  # noqa: F401, PLC0415
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+    from qcompile.runtime.session import _import_tvm_runtime, _load_cuda_runtime  # noqa: PLC0415
+
+    tvm, _ = _import_tvm_runtime()
+    _load_cuda_runtime(tvm)
+    import tvm_ffi  # noqa: PLC0415
+
+    table = json.loads((root / "sweep.json").read_text())
+    lib = tvm.runtime.load_module(str(root / "sweep.so"))
+    timer = _Timer(torch, tvm_ffi)
+    dev = torch.device("cuda")
+    rng = np.random.default_rng(0)
+    res = {"device": torch.cuda.get_device_name(0), "copy_GBps": _copy_bandwidth(torch), "checks": [], "timings": [],
+           "torch_fp16": [], "failures": []}
+    log.info("%s: copy %.0f GB/s", res["device"], res["copy_GBps"])
+
+    def call(name, x_t, planes_t, s_t, z_t, y_t):
+        f = lib[name]
+        w1 = planes_t[1] if len(planes_t) > 1 else planes_t[0]
+        args = [tvm_ffi.from_dlpack(t) for t in (x_t, planes_t[0], w1, s_t, z_t, y_t)]
+        return lambda: f(*args)
+
+    def check(row, x, planes, s, z, y_t, ref_int8, ref_float, launch):
+        y_t.fill_(float("nan"))
+        torch.cuda.synchronize()
+        launch()
+        torch.cuda.synchronize()
+        y = y_t.cpu().numpy()
+        ref = ref_int8 if row["kind"] == "int8" else ref_float
+        err = _rel(y, ref)
+        rec = {"kernel": row["kernel"], "M": x.shape[0], "rel_err": err, "rel_err_vs_float": _rel(y, ref_float)}
+        res["checks"].append(rec)
+        if not err < 1e-5:
+            res["failures"].append(f"{row['kernel']} M={x.shape[0]}: rel err {err:.3g}")
+        return err < 1e-5
+
+    def dump():  # after every shape: a run cut off by its time limit still returns what it measured
+        res["pick"] = pick(res["timings"])
+        res["eager"] = timer.eager
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
+
+    def torch_in(a):
+        return torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+
+    for row in (r for r in table if r.get("odd")):
+        fmt = WeightFormat(row["bits"], row["group"])
+        n, k, m = row["N"], row["K"], row["M"]
+        planes, s, z = _random_weight(rng, fmt, n, k)
+        x = rng.standard_normal((m, k)).astype(np.float32)
+        codes = fmt.unpack(planes, (n, k))
+        y_t = torch.empty((m, n), device=dev)
+        check(row, x, planes, s, z, y_t, int8_reference(x, codes, s, z, row["group"]), _reference(fmt, planes, s, z, x),
+              call(row["kernel"], torch_in(x), [torch_in(p) for p in planes], torch_in(s), torch_in(z), y_t))
+
+    for bits in SWEEP_BITS:
+        fmt = WeightFormat(bits, GROUP)
+        for n, k in SHAPES:
+            rows = [r for r in table if not r.get("odd") and r["bits"] == bits and (r["N"], r["K"]) == (n, k)]
+            nbytes = _gemv_bytes(bits, n, k, GROUP)
+            copies = max(2, math.ceil(L2_BYTES / nbytes))
+            planes, s, z = _random_weight(rng, fmt, n, k)
+            codes = fmt.unpack(planes, (n, k))
+            xs = {m: rng.standard_normal((m, k)).astype(np.float32) for m in (1, BATCH)}
+            refs = {m: (int8_reference(x, codes, s, z, GROUP), _reference(fmt, planes, s, z, x)) for m, x in xs.items()}
+            x_t = {m: torch_in(x) for m, x in xs.items()}
+            dev_planes = [torch_in(p) for p in planes]
+            s_t, z_t = torch_in(s), torch_in(z)
+            sets = [(dev_planes, s_t, z_t)] + [([p.clone() for p in dev_planes], s_t.clone(), z_t.clone())
+                                               for _ in range(1, copies)]
+            ys = {m: [torch.empty((m, n), device=dev) for _ in range(copies)] for m in xs}
+            launches = {(r["kernel"], m): [call(r["kernel"], x_t[m], p, sc, zc, ys[m][c]) for c, (p, sc, zc) in enumerate(sets)]
+                        for r in rows for m in xs}
+            good = []
+            for r in rows:
+                ok = all(check(r, xs[m], planes, s, z, ys[m][0], *refs[m], launches[(r["kernel"], m)][0]) for m in xs)
+                if ok:
+                    good.append(r)
+            times: dict[str, list[float]] = {r["kernel"]: [] for r in good}
+            for order in (good, good[::-1]):
+                for r in order:
+                    times[r["kernel"]].append(timer.time(lambda c: launches[(r["kernel"], 1)][c](), copies))  # noqa: B023
+            for r in good:
+                us8 = timer.time(lambda c: launches[(r["kernel"], BATCH)][c](), copies)  # noqa: B023
+                t = times[r["kernel"]]
+                us = float(np.mean(t))
+                rec = {**{key: r[key] for key in ("kernel", "kind", "config", "bits", "N", "K")}, "us": t, "us_mean": us,
+                       "GBps": nbytes / us / 1e3, "us_batch8": us8,
+                       "GBps_batch8": _gemv_bytes(bits, n, k, GROUP, BATCH) / us8 / 1e3}
+                res["timings"].append(rec)
+                log.info("b%d %5dx%-5d %-28s %7.2f %7.2f us %6.0f GB/s  batch 8: %7.2f us", bits, n, k, r["config"],
+                         t[0], t[1], rec["GBps"], us8)
+            del sets, dev_planes, ys, launches
+            torch.cuda.empty_cache()
+            dump()
+
+    for n, k in SHAPES:  # the peer: torch fp16 linear
+        nbytes = 2 * (n * k + k + n)
+        copies = max(2, math.ceil(L2_BYTES / nbytes))
+        ws = [torch.randn((n, k), device=dev, dtype=torch.float16) for _ in range(copies)]
+        x_h = torch.randn((1, k), device=dev, dtype=torch.float16)
+        outs = [torch.empty((1, n), device=dev, dtype=torch.float16) for _ in range(copies)]
+        us = timer.time(lambda c: torch.matmul(x_h, ws[c].t(), out=outs[c]), copies)  # noqa: B023
+        res["torch_fp16"].append({"N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3})
+        del ws, outs
+        torch.cuda.empty_cache()
+
+    dump()
+    summary(res)
+    return 1 if res["failures"] else 0
+
+
+def pick(timings: list[dict]) -> dict[str, dict]:
+    """The fastest int8 config per (bits, shape class) by mean batch-1 time, with the float default's time."""
+    out = {}
+    for (n, k), cls in CLASSES.items():
+        for bits in BITS:
+            mine = [t for t in timings if (t["N"], t["K"], t["bits"]) == (n, k, bits)]
+            i8 = [t for t in mine if t["kind"] == "int8"]
+            f32 = [t for t in mine if t["kind"] == "float"]
+            if not i8:
+                continue
+            best = min(i8, key=lambda t: t["us_mean"])
+            fbest = min(f32, key=lambda t: t["us_mean"]) if f32 else None
+            out[f"{bits}/{cls}"] = {"config": best["config"], "us": best["us_mean"], "GBps": best["GBps"],
+                                    "float_best": fbest and fbest["config"], "float_us": fbest and fbest["us_mean"]}
+    return out
+
+
+def summary(res: dict) -> None:
+    print(f"device {res['device']}  copy {res['copy_GBps']:.0f} GB/s  eager={res['eager']}")
+    for key, p in res["pick"].items():
+        print(f"{key:10s} int8 {p['config']:14s} {p['us']:6.2f} us {p['GBps']:5.0f} GB/s   float {p['float_best']} "
+              f"{p['float_us'] or 0:6.2f} us")
+    for t in res["torch_fp16"]:
+        print(f"torch fp16 {t['N']}x{t['K']}: {t['us']:.2f} us {t['GBps']:.0f} GB/s")
+    worst = max((c["rel_err"] for c in res["checks"]), default=float("nan"))
+    print(f"{len(res['checks'])} checks, worst rel err {worst:.2g}; failures: {res['failures'][:20] or 'none'}")
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=("build", "run"))
+    ap.add_argument("--dir", type=Path, default=Path(".gpu/sweep"))
+    ap.add_argument("--json", type=Path, default=Path("bench/results/gpu_gemv_sweep.json"))
+    ap.add_argument("--smoke", action="store_true", help="build: a few kernels only (a check of the script)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.step == "build":
+        build(args.dir, args.smoke)
+        return 0
+    return run(args.dir, args.json)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
