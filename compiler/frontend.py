@@ -2,6 +2,10 @@
 
 A decoder LLM given as a GGUF file or a Hugging Face folder is first built as ONNX by
 :mod:`qcompile.compiler.frontends`; the checks are the same.
+
+A model over protobuf's 2 GB (saved with external data) cannot be serialized in one piece, which
+onnx's checker and shape inference do: it is checked from its file, and shapes are inferred on a copy
+whose large initializers hold no data (shape inference reads their dims only).
 """
 
 from __future__ import annotations
@@ -46,13 +50,16 @@ def load_onnx(path: str | Path) -> onnx.ModelProto:
         model = _read_onnx(path)
     if not model.graph.node:
         raise ModelError(f"{path}: the ONNX graph has no nodes (is this an ONNX model?)")
+    large = _is_large(model)
+    if large:
+        log.info("%s: over protobuf's 2 GB: checked from its file, shapes inferred without the weights' data", path)
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path) if large else model)
     except onnx.checker.ValidationError as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ModelError(f"{path}: invalid ONNX model: {first}") from e
     try:
-        model = onnx.shape_inference.infer_shapes(model)
+        model = _infer_shapes(model, large)
     except Exception as e:  # noqa: BLE001
         log.warning("%s: shape inference failed (%s); continuing without it", path, e)
     _drop_initializer_inputs(model)
@@ -82,7 +89,42 @@ def _fold_constants(model: onnx.ModelProto) -> onnx.ModelProto:
     ir_model = ir.from_proto(model)
     if not fold_constants(ir_model):
         return model
-    return onnx.shape_inference.infer_shapes(ir.to_proto(ir_model))
+    folded = ir.to_proto(ir_model)
+    return _infer_shapes(folded, _is_large(folded))
+
+
+PROTOBUF_LIMIT = 2**31
+LARGE_INITIALIZER = 1 << 20  # bytes: initializers whose data shape inference goes without (large models)
+
+
+def _is_large(model: onnx.ModelProto) -> bool:
+    return model.ByteSize() >= PROTOBUF_LIMIT
+
+
+def _infer_shapes(model: onnx.ModelProto, large: bool) -> onnx.ModelProto:
+    """onnx shape inference; for a ``large`` model on a copy whose initializers over LARGE_INITIALIZER
+    bytes are dims-only stubs (external data nobody reads), the inferred types copied back."""
+    if not large:
+        return onnx.shape_inference.infer_shapes(model)
+    stubs = []
+    for init in model.graph.initializer:
+        if init.ByteSize() < LARGE_INITIALIZER:
+            stubs.append(init)
+            continue
+        stub = onnx.TensorProto(name=init.name, data_type=init.data_type, dims=init.dims,
+                                data_location=onnx.TensorProto.EXTERNAL)
+        stub.external_data.add(key="location", value="shape-inference-stub")
+        stubs.append(stub)
+    g = model.graph
+    light = onnx.helper.make_model(
+        onnx.helper.make_graph(g.node, g.name, g.input, g.output, stubs, value_info=g.value_info),
+        opset_imports=model.opset_import, ir_version=model.ir_version)
+    inferred = onnx.shape_inference.infer_shapes(light).graph
+    del g.value_info[:]
+    g.value_info.extend(inferred.value_info)
+    del g.output[:]
+    g.output.extend(inferred.output)
+    return model
 
 
 def _check_ops(path: Path, model: onnx.ModelProto) -> None:

@@ -36,6 +36,7 @@ import shutil
 import sys
 import time
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -160,32 +161,39 @@ def build(out: Path, skip_1b: bool = False, work: Path = Path("/tmp/qcompile-dec
 
 
 def random_llama_onnx(work: Path) -> Path:
-    """The float32 ONNX of :data:`LLAMA_1B` at random weights (N(0, 0.02), norms 1), external data
-    (4.4 GB: over protobuf's 2 GB, so the frontend's whole-model check is bypassed here)."""
+    """The float32 ONNX of :data:`LLAMA_1B` at random weights (N(0, 0.02), norms 1), saved with external
+    data (4.4 GB: over protobuf's 2 GB)."""
     import onnx  # noqa: PLC0415
 
-    from qcompile.compiler.frontends import DecoderConfig  # noqa: PLC0415
-    from qcompile.compiler.frontends import decoder as dec  # noqa: PLC0415
+    from qcompile.compiler.frontends import DecoderConfig, build_decoder  # noqa: PLC0415
+    from qcompile.compiler.frontends.decoder import expected_weights  # noqa: PLC0415
 
     path = work / "llama1b.onnx"
     if path.is_file():
         return path
     config = DecoderConfig(**LLAMA_1B)
-    shapes = dec.expected_weights(config)
-
-    class Weights(dict):  # each weight made when the builder reads it (it copies it into the graph)
-        def __missing__(self, name):
-            shape = shapes[name]
-            rng = np.random.default_rng([SEED, zlib.crc32(name.encode())])
-            return np.ones(shape, np.float32) if len(shape) == 1 else 0.02 * rng.standard_normal(shape, np.float32)
-
-    b = dec._Builder()  # noqa: SLF001  (build_decoder refuses > 2 GB: this model is saved with external data)
-    dec._Decoder(config, Weights(), b, config.max_positions).build()  # noqa: SLF001
-    graph = onnx.helper.make_graph(b.nodes, "llama_decoder", b.inputs, b.outputs, b.initializers)
-    model = onnx.helper.make_model(graph, opset_imports=[onnx.helper.make_opsetid("", dec.OPSET)],
-                                   producer_name="qcompile.compiler.frontends", ir_version=8)
+    model = build_decoder(config, _RandomWeights(expected_weights(config)), external_data=True)
     onnx.save(model, str(path), save_as_external_data=True, location="llama1b.onnx.data", size_threshold=1024)
     return path
+
+
+class _RandomWeights(Mapping):
+    """Weights made when read (N(0, 0.02), norms 1; seeded per name): the builder copies each into the graph."""
+
+    def __init__(self, shapes: dict):
+        self.shapes = shapes
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        shape = self.shapes[name]
+        if len(shape) == 1:
+            return np.ones(shape, np.float32)
+        return 0.02 * np.random.default_rng([SEED, zlib.crc32(name.encode())]).standard_normal(shape, np.float32)
+
+    def __iter__(self):
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
 
 
 def build_reference(gguf: Path, artifact: Path, out: Path, seed: int = SEED) -> None:

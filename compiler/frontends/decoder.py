@@ -102,13 +102,16 @@ def rope_tables(config: DecoderConfig, max_positions: int) -> tuple[np.ndarray, 
 
 
 def build_decoder(config: DecoderConfig, weights: Mapping[str, np.ndarray],
-                  max_positions: int | None = None) -> onnx.ModelProto:
+                  max_positions: int | None = None, *, external_data: bool = False) -> onnx.ModelProto:
     """The ONNX decoder of ``config`` with ``weights`` (transformers names, [out, in] linear weights).
 
     ``max_positions`` (default ``config.max_positions``) sizes the rotary tables: positions past it fail.
+    A model over protobuf's 2 GB is refused unless ``external_data`` (the caller saves it with
+    ``onnx.save(..., save_as_external_data=True)``; :func:`qcompile.compiler.frontend.load_onnx` reads it).
     """
     max_positions = int(max_positions or config.max_positions)
-    check_protobuf_size(config, max_positions)
+    if not external_data:
+        check_protobuf_size(config, max_positions)
     _check_weights(config, weights)
     b = _Builder()
     _Decoder(config, weights, b, max_positions).build()
