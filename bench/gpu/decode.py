@@ -15,7 +15,7 @@ ONNX decoder with the same generated parameters decoded by numpy (:func:`build_r
     # build machine
     python -m bench.gpu.decode build --dir .gpu/decode [--skip-1b]
     # GPU machine (called by bench/gpu/gpu_check.py run, or alone)
-    python -m bench.gpu.decode run --dir .gpu/decode --json $OUT/gpu_decode.json
+    python -m bench.gpu.decode run --gpu-root .gpu --json $OUT/gpu_decode.json   # decode/ and vulkan/ under .gpu
 
 Decode tok/s = (new tokens - 1) / time of the single-token steps (the first new token comes from the
 prefill), best of :data:`REPEATS`; prompt :data:`PROMPT` tokens, :data:`NEW` new tokens, greedy.
@@ -304,8 +304,14 @@ def run_cuda(root: Path, name: str, model: dict, results: dict, failures: list) 
     for _ in range(REPEATS):
         sess.generate(prompt, NEW)
         rates.append(sess.generator().stats.decode_tok_s)
-    row.update(tok_s=max(rates), tok_s_runs=rates, prefill_tok_s=sess.generator().stats.prefill_tok_s,
-               device_greedy=sess.generator().device_greedy if hasattr(sess.generator(), "device_greedy") else False)
+    gen = sess.generator()
+    row.update(tok_s=max(rates), tok_s_runs=rates, prefill_tok_s=gen.stats.prefill_tok_s,
+               device_greedy=gen.device_greedy)
+    if gen.device_greedy:  # the same loop with the logits brought to the host and argmax there, for comparison
+        greedy, gen._greedy = gen._greedy, None  # noqa: SLF001
+        sess.generate(prompt, NEW)
+        row["tok_s_host_argmax"] = gen.stats.decode_tok_s
+        gen._greedy = greedy  # noqa: SLF001
     results["decode"].append(row)
     log.info("decode cuda %s %.2f bpw: %.1f tok/s (runs %s)", name, model["bpw"], row["tok_s"],
              [round(r, 1) for r in rates])
@@ -411,9 +417,24 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
         for _ in range(NEW - 1):
             tok = int(np.argmax(step(np.array([[tok]], np.int64))))
         rates.append((NEW - 1) / (time.perf_counter() - t0))
-    row.update(tok_s=max(rates), tok_s_runs=rates)
+    # the same step again (its buffers and bind groups already made): what a step costs without the
+    # per-length setup, uploads and downloads still included
+    feeds = {"input_ids": np.array([[tok]], np.int64), **state["past"]}
+    sess.run(None, feeds)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        sess.run(None, feeds)
+    row.update(tok_s=max(rates), tok_s_runs=rates, tok_s_same_length_repeated=5 / (time.perf_counter() - t0))
+    calls = sess.profile_calls(feeds)  # each call submitted and waited for alone: an upper bound per kernel
+    by_kernel: dict[str, list] = {}
+    for kname, sec in calls:
+        by_kernel.setdefault(kname, []).append(sec)
+    top = sorted(by_kernel.items(), key=lambda kv: -sum(kv[1]))[:8]
+    row["step_profile"] = {"calls": len(calls), "sum_us": 1e6 * sum(sec for _, sec in calls),
+                           "top": [{"kernel": k, "calls": len(v), "us": 1e6 * sum(v)} for k, v in top]}
     results["decode"].append(row)
-    log.info("decode vulkan %s: %.1f tok/s", name, row["tok_s"])
+    log.info("decode vulkan %s: %.1f tok/s (a step repeated at one length: %.1f/s)", name, row["tok_s"],
+             row["tok_s_same_length_repeated"])
 
 
 def run_parts(gpu_root: Path, results: dict, failures: list, save=lambda: None) -> None:
@@ -469,7 +490,9 @@ def main(argv=None) -> int:
 
     tvm, _ = _import_tvm_runtime()
     _load_cuda_runtime(tvm)
-    results, failures = {"decode": [], "notes": []}, []
+    import torch  # noqa: PLC0415
+
+    results, failures = {"device": torch.cuda.get_device_name(0), "decode": [], "notes": []}, []
     results["failures"] = failures
 
     def save():
