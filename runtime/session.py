@@ -88,7 +88,7 @@ def _check_target(root: Path, target: dict) -> None:
     if needed and have and not needed <= have:
         raise ArtifactError(
             f"{root}: compiled for a CPU with {sorted(needed - have)}, which this CPU lacks; "
-            f"recompile with --target x86 on this machine"
+            f"recompile with --target {'arm' if host in ('aarch64', 'arm64') else 'x86'} for this CPU"
         )
 
 
