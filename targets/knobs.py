@@ -27,7 +27,7 @@ class KnobSpace:
     must divide N/8)."""
 
     family: str  # the kernel names' prefix, e.g. "qmatmul_i8"
-    knobs: dict[str, tuple[int, ...]]
+    knobs: dict[str, tuple]
     applies: Callable[[dict, int, int], bool] = field(default=lambda config, k, n: True, compare=False)
     doc: dict[str, str] = field(default_factory=dict, compare=False)  # knob -> what it does
 

@@ -157,7 +157,7 @@ SPACES = {"x86 int8": K8.SCHEDULE, "x86 float": KF.SCHEDULE, "arm sdot": KD.SCHE
 
 
 def test_knobs_default_to_the_kernels_constants():
-    assert K8.SCHEDULE.default == {"tiles": 1, "row_block": K8.ROW_BLOCK}
+    assert K8.SCHEDULE.default == {"tiles": 1, "row_block": K8.ROW_BLOCK, "gemv_threads": "all"}
     assert KF.SCHEDULE.default == {"accs": KF.ACCS, "row_block": KF.ROW_BLOCK, "panel_k": KF.PANEL_K}
     assert KD.SCHEDULE.default == {"row_block": KD.ROW_BLOCK}
 

@@ -56,12 +56,14 @@ ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path (the
 
 SCHEDULE = KnobSpace(
     "qmatmul_i8",
-    {"tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8)},
+    {"tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8), "gemv_threads": ("all", "one")},
     applies=lambda config, k, n: (n // TILE) % config["tiles"] == 0,
     doc={"tiles": "output tiles of 8 one parallel task computes; in the GEMV path (M < row_block) side by "
                   "side, one activation broadcast feeding `tiles` vpmaddubsw",
          "row_block": "rows sharing one decoded weight sub-block in the GEMM path (M >= row_block); the GEMV "
-                      "path takes the rows below it"})
+                      "path takes the rows below it",
+         "gemv_threads": "the GEMV path's loop over tiles parallel (all) or serial (one: no thread-pool launch, "
+                         "for kernels too small to pay for it)"})
 """The knobs of :func:`int8_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was."""
 
 
@@ -156,7 +158,7 @@ def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int, schedule: d
     config = SCHEDULE.resolve(schedule)
     if not SCHEDULE.applies(config, k, n):
         raise ValueError(f"int8_matmul: schedule {config} does not apply to N={n} (tiles must divide N/{TILE})")
-    return _kernel(tuple(plane_bits), g, k, n, config["tiles"], config["row_block"])
+    return _kernel(tuple(plane_bits), g, k, n, config["tiles"], config["row_block"], config["gemv_threads"] == "all")
 
 
 def _decode(planes: tuple[int, ...]):
@@ -222,7 +224,8 @@ def activation_quantizer(kg: int, bpg: int):
     return quantize_row
 
 
-def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: int = ROW_BLOCK):
+def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: int = ROW_BLOCK,
+            gemv_parallel: bool = True):
     code = _decode(planes)
     nt_, kb_, kg, bpg = n // TILE, k // 32, k // g, g // 32
     ch = _chunk(sum(planes))
@@ -232,6 +235,7 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
     two = len(planes) > 1
 
     quantize_row = activation_quantizer(kg, bpg)
+    gemv_loop = T.parallel if gemv_parallel else T.serial
 
     @T.macro
     def gemv(nt, m, ws, xq, sx, xs, s, z, y):
@@ -352,18 +356,21 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
         else:
             for r in T.parallel(m):
                 quantize_row(x, xq, sx, xs, r)
-        if nti == 1:  # (a Python condition: one of the two loop nests is generated)
+        if nti == 1 and gemv_parallel:  # the default (Python conditions: one loop nest is generated)
             for nt in T.parallel(nt_):
                 if m < rb:
                     gemv(nt, m, ws, xq, sx, xs, s, z, y)
                 else:
                     gemm(nt, m, ws, xq, sx, xs, s, z, y)
+        elif m < rb:
+            for ntp in gemv_loop(nt_ // nti):
+                if nti == 1:
+                    gemv(ntp, m, ws, xq, sx, xs, s, z, y)
+                else:
+                    gemv_interleaved(ntp, m, ws, xq, sx, xs, s, z, y)
         else:
             for ntp in T.parallel(nt_ // nti):
-                if m < rb:
-                    gemv_interleaved(ntp, m, ws, xq, sx, xs, s, z, y)
-                else:
-                    for tt in range(nti):
-                        gemm(ntp * nti + tt, m, ws, xq, sx, xs, s, z, y)
+                for tt in range(nti):
+                    gemm(ntp * nti + tt, m, ws, xq, sx, xs, s, z, y)
 
     return kernel
