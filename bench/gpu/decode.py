@@ -149,7 +149,6 @@ def build(out: Path, skip_1b: bool = False, work: Path = Path("/tmp/qcompile-dec
             compile_model(gguf, full, CompileOptions(target=target, bpw=BPW))
         strip_artifact(full, out / full.name)
     build_reference(gguf, work / f"smollm2_{BPW}.cuda.qcm", out / "smollm2_reference.npz")
-    build_float_activations(out, work, models)
     if not skip_1b:
         full = work / f"llama1b_{BPW}.cuda.qcm"
         if not (full / "manifest.json").is_file():
@@ -158,25 +157,26 @@ def build(out: Path, skip_1b: bool = False, work: Path = Path("/tmp/qcompile-dec
         strip_artifact(full, out / full.name)
         models["llama1b"] = {"name": "Llama-1.1B (TinyLlama shape, random weights)", "config": LLAMA_1B,
                              "bpw": BPW, "params": "random (seeded per name); every linear weight q4g128"}
+        build_float_activations(out, work, models, "llama1b", random_llama_onnx(work))
     (out / "models.json").write_text(json.dumps(models, indent=1))
 
 
-def build_float_activations(out: Path, work: Path, models: dict | None = None) -> None:
-    """SmolLM2 for CUDA with float activations everywhere (``int8_dot=False``: the GEMV without dp4a),
-    beside the default build; same reference (its parameter names are the default build's)."""
-    from bench.quality import data  # noqa: PLC0415
+def build_float_activations(out: Path, work: Path, models: dict, name: str, source: Path) -> None:
+    """``name`` for CUDA with float activations everywhere (``int8_dot=False``: no dp4a GEMV), beside the
+    default build, if that one has int8-activation kernels (same parameter names, generated alike)."""
     from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
 
-    full = work / f"smollm2-fa_{BPW}.cuda.qcm"
+    kernels = json.loads((out / f"{name}_{BPW}.cuda.qcm" / "manifest.json").read_text())["kernels"]
+    if "gemv_int8" not in (kernels.get("quantized_matmuls") or {}):
+        return
+    full = work / f"{name}-fa_{BPW}.cuda.qcm"
     if not (full / "manifest.json").is_file():
-        compile_model(data._gguf_path(), full, CompileOptions(target="cuda", bpw=BPW, int8_dot=False))  # noqa: SLF001
+        compile_model(source, full, CompileOptions(target="cuda", bpw=BPW, int8_dot=False,
+                                                   overrides=[(".", "q4g128")] if name == "llama1b" else []))
     strip_artifact(full, out / full.name)
-    path = out / "models.json"
-    models = models if models is not None else json.loads(path.read_text())
-    base = models["smollm2"]
-    models["smollm2-fa"] = {**base, "name": base["name"] + " (float activations)", "reference": "smollm2",
+    base = models[name]
+    models[f"{name}-fa"] = {**base, "name": base["name"] + " (float activations)", "reference": name,
                             "torch": False, "vulkan": False}
-    path.write_text(json.dumps(models, indent=1))
 
 
 def random_llama_onnx(work: Path) -> Path:
@@ -304,7 +304,7 @@ def run_cuda(root: Path, name: str, model: dict, results: dict, failures: list) 
     gen_s = time.perf_counter() - t0
     sess = rt.Session(art, params=params)
     del params
-    int8 = bool(sess.manifest["kernels"].get("int8_dot"))
+    int8 = "gemv_int8" in (sess.manifest["kernels"].get("quantized_matmuls") or {})
     row = {"target": "cuda", "model": model["name"], "bpw": model["bpw"], "params": model["params"],
            "params_generated_s": round(gen_s, 1), "int8_activations": int8,
            "quantized_matmuls": sess.manifest["kernels"].get("quantized_matmuls")}
@@ -470,28 +470,35 @@ def run_parts(gpu_root: Path, results: dict, failures: list, save=lambda: None) 
     from bench.gpu import vulkan as gpu_vulkan  # noqa: PLC0415
 
     dec, vk = gpu_root / "decode", gpu_root / "vulkan"
+    have_decode = (dec / "models.json").is_file()
+    if have_decode:
+        run(dec, results, failures, None, save, targets=("cuda", "torch"))
     device = gpu_vulkan.device_or_none(failures) if vk.is_dir() or any(dec.glob("*.vulkan.qcm")) else None
-    if (dec / "models.json").is_file():
-        run(dec, results, failures, device, save)
     if vk.is_dir():
         gpu_vulkan.run(vk, results, failures, device, save)
+    if have_decode and device is not None:  # last: the slowest (a Vulkan step re-creates its bindings)
+        run(dec, results, failures, device, save, targets=("vulkan",))
     save()
 
 
-def run(root: Path, results: dict, failures: list, vulkan_device=None, save=lambda: None) -> None:
-    """Every decode measurement into ``results["decode"]`` (each part failing alone)."""
-    models = json.loads((root / "models.json").read_text())
-    results.setdefault("decode", [])
-    results.setdefault("notes", []).append(
-        "decode: params generated on the GPU machine (random, seeded per name, exact names/shapes/dtypes of "
+NOTE = ("decode: params generated on the GPU machine (random, seeded per name, exact names/shapes/dtypes of "
         "the artifact's params.safetensors: the artifacts are too large to travel); speed does not depend on "
         "the values; SmolLM2's logits are checked against onnxruntime on the same generated parameters")
+
+
+def run(root: Path, results: dict, failures: list, vulkan_device=None, save=lambda: None,
+        targets=("cuda", "torch", "vulkan")) -> None:
+    """The decode measurements of ``targets`` into ``results["decode"]`` (each part failing alone)."""
+    models = json.loads((root / "models.json").read_text())
+    results.setdefault("decode", [])
+    if NOTE not in results.setdefault("notes", []):
+        results["notes"].append(NOTE)
     for name, model in models.items():
         for what, fn in (("cuda", lambda: run_cuda(root, name, model, results, failures)),  # noqa: B023
                          ("torch", lambda: run_torch(name, model, results)),  # noqa: B023
                          ("vulkan", lambda: run_vulkan(root, name, model, results, failures, vulkan_device))):  # noqa: B023
-            if (what == "vulkan" and (vulkan_device is None or not model.get("vulkan", True))) or \
-                    (what == "torch" and not model.get("torch", True)):
+            if what not in targets or (what == "vulkan" and (vulkan_device is None or not model.get("vulkan", True))) \
+                    or (what == "torch" and not model.get("torch", True)):
                 continue
             try:
                 fn()
