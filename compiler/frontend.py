@@ -98,7 +98,10 @@ LARGE_INITIALIZER = 1 << 20  # bytes: initializers whose data shape inference go
 
 
 def _is_large(model: onnx.ModelProto) -> bool:
-    return model.ByteSize() >= PROTOBUF_LIMIT
+    try:
+        return model.ByteSize() >= PROTOBUF_LIMIT
+    except Exception:  # noqa: BLE001  (upb refuses to size a message over 2 GB: EncodeError)
+        return True
 
 
 def _infer_shapes(model: onnx.ModelProto, large: bool) -> onnx.ModelProto:
