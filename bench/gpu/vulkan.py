@@ -161,6 +161,7 @@ def build_models(out: Path) -> None:
     makers = {"mlp": (mlp_model, (256,)), "convnet": (convnet_model, (16, 20, 20))}
     refs = {}
     work = Path("/tmp/qcompile-vulkan-models")
+    work.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         make, shape = makers[name]
         path = save(make(), work / f"{name}.onnx")
