@@ -206,7 +206,7 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
     for bits in BITS:
         fmt = _fmt(bits)
         for n, k in SHAPES:
-            arts = sorted(root.glob(f"*_b{bits}_n{n}_k{k}.qcm"))
+            arts = sorted(a for a in root.glob(f"*_b{bits}_n{n}_k{k}") if a.is_dir())
             if not arts:
                 continue
             params = random_params(load_specs(arts[0]))
