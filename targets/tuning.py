@@ -132,6 +132,9 @@ def extract_tunable(mod, tvm_target: dict, prepare) -> tuple[list[TuneTask], dic
         except TypeError:  # "Cannot convert from type Array[ir.Var] to Array<ir.IntImm>"
             skipped[t.task_name] = "symbolic shape"
             continue
+        except ValueError:  # "Unsupported argument type: past_seq": a shape variable passed as a scalar
+            skipped[t.task_name] = "symbolic shape (scalar argument)"
+            continue
         tasks.append(TuneTask(t.task_name, int(t.weight), t.dispatched[0], t))
     for name, why in skipped.items():
         log.debug("not tuned: %s (%s)", name, why)

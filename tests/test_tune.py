@@ -157,8 +157,9 @@ SPACES = {"x86 int8": K8.SCHEDULE, "x86 float": KF.SCHEDULE, "arm sdot": KD.SCHE
 
 
 def test_knobs_default_to_the_kernels_constants():
-    assert K8.SCHEDULE.default == {"tiles": 1, "row_block": K8.ROW_BLOCK, "gemv_threads": "all"}
-    assert KF.SCHEDULE.default == {"accs": KF.ACCS, "row_block": KF.ROW_BLOCK, "panel_k": KF.PANEL_K}
+    assert K8.SCHEDULE.default == {"nest": "fused", "tiles": 1, "row_block": K8.ROW_BLOCK}
+    assert KF.SCHEDULE.default == {"nest": "fused", "accs": KF.ACCS, "row_block": KF.ROW_BLOCK,
+                                   "panel_k": KF.PANEL_K}
     assert KD.SCHEDULE.default == {"row_block": KD.ROW_BLOCK}
 
 
@@ -174,10 +175,19 @@ def test_settings_start_with_the_default_and_change_one_knob_before_two(family):
     assert set(space.doc) == set(space.knobs)  # every knob says what it does
     with pytest.raises(ValueError, match="unknown knobs"):
         space.resolve({"unroll": 2})
-    first = next(iter(space.knobs))
     with pytest.raises(ValueError, match="is not one of"):
-        space.resolve({first: 3})
+        space.resolve({"row_block": 3})
     assert space.resolve({}) == space.default and space.is_default(None)
+
+
+@pytest.mark.parametrize("kind", ["int8", "float"])
+def test_every_setting_is_different_code(kind):
+    import tvm_ffi
+
+    space = K8.SCHEDULE if kind == "int8" else KF.SCHEDULE
+    a = (4,) if kind == "int8" else (4, 32)
+    hashes = {tvm_ffi.structural_hash(_make(kind, a, 32, 256, 64, c)) for c in space.settings(256, 64)}
+    assert len(hashes) == len(space.settings(256, 64))  # no two settings measure the same kernel
 
 
 def test_int8_tiles_must_divide_the_output_tiles():
@@ -237,7 +247,8 @@ def _t(a):
     return tvm.runtime.tensor(np.ascontiguousarray(a), tvm.cpu())
 
 
-@pytest.mark.parametrize("config", [{"tiles": 2, "row_block": 8}, {"tiles": 4, "row_block": 2}])
+@pytest.mark.parametrize("config", [{"tiles": 2, "row_block": 8}, {"nest": "split", "tiles": 2},
+                                    {"nest": "split-serial-gemv", "tiles": 4, "row_block": 2}])
 def test_int8_kernel_with_other_knobs_matches_numpy(config):
     from qcompile.passes.formats import PRESETS
     from qcompile.targets.x86 import X86Target, host_target
@@ -259,7 +270,8 @@ def test_int8_kernel_with_other_knobs_matches_numpy(config):
         np.testing.assert_allclose(y.numpy(), ref, rtol=1e-5, atol=1e-5 * np.abs(ref).max())
 
 
-@pytest.mark.parametrize("config", [{"accs": 2, "row_block": 8, "panel_k": 256}, {"accs": 8, "row_block": 2}])
+@pytest.mark.parametrize("config", [{"accs": 2, "row_block": 8, "panel_k": 256},
+                                    {"nest": "split-serial-gemv", "accs": 8, "row_block": 2}])
 def test_float_kernel_with_other_knobs_matches_numpy(config):
     from qcompile.passes.formats import PRESETS
 

@@ -34,6 +34,7 @@ __all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups",
 ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
 PANEL_K = 512  # K extent of the dequantized weight panel in the GEMM path (t*512*4 B in L1/L2)
+NESTS = ("fused", "split", "split-serial-gemv")  # loop nests over the tiles (the knob "nest", below)
 OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
 # Scratch buffers are allocated with scope="global": TVM 0.27 makes a constant-size "global" buffer under
 # 1 KiB a stack alloca, but sends every "local" one through TVMBackendAllocWorkspace/FreeWorkspace on
@@ -42,8 +43,15 @@ OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, n
 
 SCHEDULE = KnobSpace(
     "qmatmul",
-    {"accs": (ACCS, 2, 8), "row_block": (ROW_BLOCK, 2, 8), "panel_k": (PANEL_K, 256, 1024)},
-    doc={"accs": "independent accumulators in the GEMV path (M < row_block): FMA latency vs registers",
+    {"nest": NESTS, "accs": (ACCS, 2, 8), "row_block": (ROW_BLOCK, 2, 8), "panel_k": (PANEL_K, 256, 1024)},
+    # a panel bound that gives the default's panel (a small K) is the default kernel again (judged for groups of
+    # 32: the knob space sees K and N only)
+    applies=lambda config, k, n, g=32: config["panel_k"] == PANEL_K or
+    _panel(g, k, config["panel_k"]) != _panel(g, k, PANEL_K),
+    doc={"nest": "fused: one parallel loop over tiles, the GEMV/GEMM choice inside it; split: the choice "
+                 "outside, each path its own parallel loop; split-serial-gemv: and the GEMV loop serial (no "
+                 "thread-pool launch, for kernels too small to pay for it)",
+         "accs": "independent accumulators in the GEMV path (M < row_block): FMA latency vs registers",
          "row_block": "rows of x per register block in the GEMM path (M >= row_block)",
          "panel_k": "largest K extent of the dequantized weight panel in the GEMM path (whole groups)"})
 """The knobs of :func:`dequant_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was.
@@ -90,7 +98,8 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, t: int | None = None, sche
     if k % g or n % t:
         raise ValueError(f"dequant_matmul: K={k} must divide by group {g} and N={n} by tile {t}")
     config = SCHEDULE.resolve(schedule)
-    return _matmul_kernel(tuple(fmt.planes), g, k, n, t, config["accs"], config["row_block"], config["panel_k"])
+    return _matmul_kernel(tuple(fmt.planes), g, k, n, t, config["accs"], config["row_block"], config["panel_k"],
+                          config["nest"])
 
 
 def _decoder(planes: tuple[int, ...]):
@@ -125,14 +134,79 @@ def _pairwise_sum(terms: list):
     return terms[0]
 
 
+def _panel(g: int, k: int, panel_k: int) -> int:
+    """The GEMM path's panel: the most whole groups of ``g`` that divide K and fit ``panel_k``."""
+    kg = k // g
+    return g * max([1] + [d for d in range(1, kg + 1) if kg % d == 0 and g * d <= panel_k])
+
+
 def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int, accs: int = ACCS, rb: int = ROW_BLOCK,
-                   panel_k: int = PANEL_K):
+                   panel_k: int = PANEL_K, nest: str = NESTS[0]):
     code = _decoder(planes)
     kg, nt_, kb_ = k // g, n // t, g // 32
-    kc_ = g * max([1] + [d for d in range(1, kg + 1) if kg % d == 0 and g * d <= panel_k])
+    kc_ = _panel(g, k, panel_k)
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
+
+    @T.macro
+    def gemv(nt, m, x, ws, s, z, y, xsum):
+        for r in range(m):
+            acc = T.alloc_buffer((t,), "float32", scope="global")
+            part = T.alloc_buffer((accs, t), "float32", scope="global")
+            for tt in T.vectorized(t):
+                acc[tt] = T.float32(0)
+            for gi in range(kg):
+                for a in T.unroll(accs):
+                    for tt in T.vectorized(t):
+                        part[a, tt] = T.float32(0)
+                for kb in range(kb_):
+                    for i in T.unroll(32):
+                        for tt in T.vectorized(t):
+                            part[i % accs, tt] = part[i % accs, tt] + T.Cast(
+                                "float32", code(ws, nt, gi * kb_ + kb, i, tt)
+                            ) * x[r, gi * g + kb * 32 + i]
+                for tt in T.vectorized(t):
+                    acc[tt] = (
+                        acc[tt]
+                        + T.Cast("float32", s[nt, gi, tt])
+                        * _pairwise_sum([part[a, tt] for a in range(accs)])
+                        + T.Cast("float32", z[nt, gi, tt]) * xsum[r, gi]
+                    )
+            for tt in T.vectorized(t):
+                y[r, nt * t + tt] = acc[tt]
+
+    @T.macro
+    def gemm(nt, m, x, ws, s, z, y):
+        # GEMM: dequantize a [KC, t] panel of the tile once (L1), reuse it for every row block
+        wd = T.alloc_buffer((kc_, t), "float32", scope="global")
+        acc = T.alloc_buffer((rb, t), "float32", scope="global")
+        for kc in range(k // kc_):
+            for gl in range(kc_ // g):
+                for kb in range(kb_):
+                    for i in T.unroll(32):
+                        for tt in T.vectorized(t):
+                            wd[gl * g + kb * 32 + i, tt] = T.Cast(
+                                "float32", code(ws, nt, (kc * kc_ + gl * g) // 32 + kb, i, tt)
+                            ) * T.Cast("float32", s[nt, kc * (kc_ // g) + gl, tt]) + T.Cast(
+                                "float32", z[nt, kc * (kc_ // g) + gl, tt]
+                            )
+            for mb in range((m + rb - 1) // rb):
+                for rr in T.unroll(rb):
+                    for tt in T.vectorized(t):
+                        acc[rr, tt] = T.float32(0)
+                for kk in range(kc_):
+                    for rr in T.unroll(rb):
+                        for tt in T.vectorized(t):
+                            acc[rr, tt] = acc[rr, tt] + x[T.min(mb * rb + rr, m - 1), kc * kc_ + kk] * wd[kk, tt]
+                for rr in range(rb):
+                    if mb * rb + rr < m:
+                        if kc == 0:
+                            for tt in T.vectorized(t):
+                                y[mb * rb + rr, nt * t + tt] = acc[rr, tt]
+                        else:
+                            for tt in T.vectorized(t):
+                                y[mb * rb + rr, nt * t + tt] = y[mb * rb + rr, nt * t + tt] + acc[rr, tt]
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
@@ -151,62 +225,18 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int, accs
                 xsum[r, gi] = T.float32(0)
                 for kk in range(g):
                     xsum[r, gi] = xsum[r, gi] + x[r, gi * g + kk]
-        for nt in T.parallel(nt_):
-            if m < rb:
-                for r in range(m):
-                    acc = T.alloc_buffer((t,), "float32", scope="global")
-                    part = T.alloc_buffer((accs, t), "float32", scope="global")
-                    for tt in T.vectorized(t):
-                        acc[tt] = T.float32(0)
-                    for gi in range(kg):
-                        for a in T.unroll(accs):
-                            for tt in T.vectorized(t):
-                                part[a, tt] = T.float32(0)
-                        for kb in range(kb_):
-                            for i in T.unroll(32):
-                                for tt in T.vectorized(t):
-                                    part[i % accs, tt] = part[i % accs, tt] + T.Cast(
-                                        "float32", code(ws, nt, gi * kb_ + kb, i, tt)
-                                    ) * x[r, gi * g + kb * 32 + i]
-                        for tt in T.vectorized(t):
-                            acc[tt] = (
-                                acc[tt]
-                                + T.Cast("float32", s[nt, gi, tt])
-                                * _pairwise_sum([part[a, tt] for a in range(accs)])
-                                + T.Cast("float32", z[nt, gi, tt]) * xsum[r, gi]
-                            )
-                    for tt in T.vectorized(t):
-                        y[r, nt * t + tt] = acc[tt]
-            else:
-                # GEMM: dequantize a [KC, t] panel of the tile once (L1), reuse it for every row block
-                wd = T.alloc_buffer((kc_, t), "float32", scope="global")
-                acc = T.alloc_buffer((rb, t), "float32", scope="global")
-                for kc in range(k // kc_):
-                    for gl in range(kc_ // g):
-                        for kb in range(kb_):
-                            for i in T.unroll(32):
-                                for tt in T.vectorized(t):
-                                    wd[gl * g + kb * 32 + i, tt] = T.Cast(
-                                        "float32", code(ws, nt, (kc * kc_ + gl * g) // 32 + kb, i, tt)
-                                    ) * T.Cast("float32", s[nt, kc * (kc_ // g) + gl, tt]) + T.Cast(
-                                        "float32", z[nt, kc * (kc_ // g) + gl, tt]
-                                    )
-                    for mb in range((m + rb - 1) // rb):
-                        for rr in T.unroll(rb):
-                            for tt in T.vectorized(t):
-                                acc[rr, tt] = T.float32(0)
-                        for kk in range(kc_):
-                            for rr in T.unroll(rb):
-                                for tt in T.vectorized(t):
-                                    acc[rr, tt] = acc[rr, tt] + x[T.min(mb * rb + rr, m - 1), kc * kc_ + kk] * wd[kk, tt]
-                        for rr in range(rb):
-                            if mb * rb + rr < m:
-                                if kc == 0:
-                                    for tt in T.vectorized(t):
-                                        y[mb * rb + rr, nt * t + tt] = acc[rr, tt]
-                                else:
-                                    for tt in T.vectorized(t):
-                                        y[mb * rb + rr, nt * t + tt] = y[mb * rb + rr, nt * t + tt] + acc[rr, tt]
+        if nest == "fused":  # the default (Python conditions: one of the loop nests is generated)
+            for nt in T.parallel(nt_):
+                if m < rb:
+                    gemv(nt, m, x, ws, s, z, y, xsum)
+                else:
+                    gemm(nt, m, x, ws, s, z, y)
+        elif m < rb:
+            for nt in (T.serial if nest == "split-serial-gemv" else T.parallel)(nt_):
+                gemv(nt, m, x, ws, s, z, y, xsum)
+        else:
+            for nt in T.parallel(nt_):
+                gemm(nt, m, x, ws, s, z, y)
 
     return kernel
 

@@ -53,17 +53,19 @@ __all__ = ["TILE", "MAX_BITS", "SCHEDULE", "supports", "dot_planes", "codes_from
 TILE = 8  # outputs per tile: the int32 lanes of one AVX2 register
 MAX_BITS = 6
 ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path (the default of the knob)
+NESTS = ("fused", "split", "split-serial-gemv")  # loop nests over the tiles (the knob "nest", below)
 
 SCHEDULE = KnobSpace(
     "qmatmul_i8",
-    {"tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8), "gemv_threads": ("all", "one")},
+    {"nest": NESTS, "tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8)},
     applies=lambda config, k, n: (n // TILE) % config["tiles"] == 0,
-    doc={"tiles": "output tiles of 8 one parallel task computes; in the GEMV path (M < row_block) side by "
+    doc={"nest": "fused: one parallel loop over tiles, the GEMV/GEMM choice inside it; split: the choice "
+                 "outside, each path its own parallel loop; split-serial-gemv: and the GEMV loop serial (no "
+                 "thread-pool launch, for kernels too small to pay for it)",
+         "tiles": "output tiles of 8 one parallel task computes; in the GEMV path (M < row_block) side by "
                   "side, one activation broadcast feeding `tiles` vpmaddubsw",
          "row_block": "rows sharing one decoded weight sub-block in the GEMM path (M >= row_block); the GEMV "
-                      "path takes the rows below it",
-         "gemv_threads": "the GEMV path's loop over tiles parallel (all) or serial (one: no thread-pool launch, "
-                         "for kernels too small to pay for it)"})
+                      "path takes the rows below it"})
 """The knobs of :func:`int8_matmul` (:mod:`qcompile.targets.knobs`): the default is the kernel as it was."""
 
 
@@ -158,7 +160,7 @@ def int8_matmul(plane_bits: tuple[int, ...], g: int, k: int, n: int, schedule: d
     config = SCHEDULE.resolve(schedule)
     if not SCHEDULE.applies(config, k, n):
         raise ValueError(f"int8_matmul: schedule {config} does not apply to N={n} (tiles must divide N/{TILE})")
-    return _kernel(tuple(plane_bits), g, k, n, config["tiles"], config["row_block"], config["gemv_threads"] == "all")
+    return _kernel(tuple(plane_bits), g, k, n, config["tiles"], config["row_block"], config["nest"])
 
 
 def _decode(planes: tuple[int, ...]):
@@ -225,7 +227,7 @@ def activation_quantizer(kg: int, bpg: int):
 
 
 def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: int = ROW_BLOCK,
-            gemv_parallel: bool = True):
+            nest: str = NESTS[0]):
     code = _decode(planes)
     nt_, kb_, kg, bpg = n // TILE, k // 32, k // g, g // 32
     ch = _chunk(sum(planes))
@@ -235,7 +237,7 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
     two = len(planes) > 1
 
     quantize_row = activation_quantizer(kg, bpg)
-    gemv_loop = T.parallel if gemv_parallel else T.serial
+    gemv_loop = T.serial if nest == "split-serial-gemv" else T.parallel
 
     @T.macro
     def gemv(nt, m, ws, xq, sx, xs, s, z, y):
@@ -356,12 +358,19 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
         else:
             for r in T.parallel(m):
                 quantize_row(x, xq, sx, xs, r)
-        if nti == 1 and gemv_parallel:  # the default (Python conditions: one loop nest is generated)
+        if nest == "fused" and nti == 1:  # the default (Python conditions: one loop nest is generated)
             for nt in T.parallel(nt_):
                 if m < rb:
                     gemv(nt, m, ws, xq, sx, xs, s, z, y)
                 else:
                     gemm(nt, m, ws, xq, sx, xs, s, z, y)
+        elif nest == "fused":
+            for ntp in T.parallel(nt_ // nti):
+                if m < rb:
+                    gemv_interleaved(ntp, m, ws, xq, sx, xs, s, z, y)
+                else:
+                    for tt in range(nti):
+                        gemm(ntp * nti + tt, m, ws, xq, sx, xs, s, z, y)
         elif m < rb:
             for ntp in gemv_loop(nt_ // nti):
                 if nti == 1:
