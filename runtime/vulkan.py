@@ -268,6 +268,8 @@ class Session:
         self.input_specs = plan["variants"][-1]["inputs"]  # the general variant binds the symbolic dims
         self.fixed = self._upload_fixed(root, params)
         self._programs: OrderedDict = OrderedDict()
+        self.gpu_seconds: float | None = None  # set by time_calls where the device has timestamp queries
+        self.encode_seconds: float | None = None  # time_calls: recording one pass (CPU, Python + wgpu)
         log.info("loaded %s: %d plan variants, %d kernels, %d parameter buffers", root, len(self.variants),
                  len(kernels), len(self.fixed))
 
@@ -383,9 +385,12 @@ class Session:
     def time_calls(self, feeds: dict, reps: int = 100, copies: int = 1, rounds: int = 5) -> float:
         """Median seconds of one pass over the plan's calls on the device (no uploads or downloads).
 
-        Each round records ``reps`` passes in one command buffer; pass ``i`` binds copy ``i % copies``
-        of the parameters (``copies`` > 1 keeps the weights from coming out of a cache).  For
-        benchmarks (``bench/gpu/vulkan_gemv.py``); the outputs of the last pass are those of ``run``.
+        Each round records ``reps`` passes over the calls in one compute pass of one command buffer;
+        pass ``i`` binds copy ``i % copies`` of the parameters (``copies`` > 1 keeps the weights from
+        coming out of a cache).  The time is from submit to the result's mapping (CPU clock); on a device
+        with the ``timestamp-query`` feature, :attr:`gpu_seconds` is also set: the median GPU time of one
+        pass by timestamps at the compute pass's start and end (nanosecond ticks, as on NVIDIA and Mesa).
+        For benchmarks (``bench/gpu/vulkan.py``); the outputs of the last pass are those of ``run``.
         """
         import time  # noqa: PLC0415
 
@@ -398,17 +403,39 @@ class Session:
                 self.device.queue.write_buffer(buf, 0, _padded(a))
         variants = [prog.bind_groups] + [self._rebind(prog, self._copy_fixed()) for _ in range(copies - 1)]
         src, offset, _size, read, *_ = prog.outputs[0]
-        times = []
+        stamps = "timestamp-query" in self.device.features
+        if stamps:
+            queries = self.device.create_query_set(type="timestamp", count=2)
+            resolved = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.QUERY_RESOLVE | wgpu.BufferUsage.COPY_SRC)
+            ticks = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        times, gpu, encode = [], [], []
         for _ in range(rounds + 1):  # the first round warms up
+            t_enc = time.perf_counter()
             encoder = self.device.create_command_encoder()
+            writes = {"query_set": queries, "beginning_of_pass_write_index": 0, "end_of_pass_write_index": 1} \
+                if stamps else None
+            cpass = encoder.begin_compute_pass(timestamp_writes=writes)
             for i in range(reps):
-                self._encode(encoder, prog, variants[i % copies])
+                self._dispatch(cpass, variants[i % copies])
+            cpass.end()
+            if stamps:
+                encoder.resolve_query_set(queries, 0, 2, resolved, 0)
+                encoder.copy_buffer_to_buffer(resolved, 0, ticks, 0, 16)
             encoder.copy_buffer_to_buffer(src, offset, read, 0, 4)  # mapping it waits for the passes
+            buffer = encoder.finish()
             t0 = time.perf_counter()
-            self.device.queue.submit([encoder.finish()])
+            encode.append((t0 - t_enc) / reps)
+            self.device.queue.submit([buffer])
             read.map_sync(wgpu.MapMode.READ)
             times.append((time.perf_counter() - t0) / reps)
             read.unmap()
+            if stamps:
+                ticks.map_sync(wgpu.MapMode.READ)
+                t = np.frombuffer(ticks.read_mapped(0, 16), np.uint64).astype(np.int64)
+                gpu.append(float(t[1] - t[0]) * 1e-9 / reps)
+                ticks.unmap()
+        self.gpu_seconds = float(np.median(gpu[1:])) if stamps else None
+        self.encode_seconds = float(np.median(encode[1:]))
         return float(np.median(times[1:]))
 
     def profile_calls(self, feeds: dict) -> list[tuple[str, float]]:
@@ -463,14 +490,18 @@ class Session:
                                                                 entries=entries), grid))
         return out
 
-    @staticmethod
-    def _encode(encoder, prog: _Program, bind_groups=None) -> None:
+    @classmethod
+    def _encode(cls, encoder, prog: _Program, bind_groups=None) -> None:
         cpass = encoder.begin_compute_pass()
-        for pipeline, group, (x, y, z) in bind_groups or prog.bind_groups:
+        cls._dispatch(cpass, bind_groups or prog.bind_groups)
+        cpass.end()
+
+    @staticmethod
+    def _dispatch(cpass, bind_groups) -> None:
+        for pipeline, group, (x, y, z) in bind_groups:
             cpass.set_pipeline(pipeline)
             cpass.set_bind_group(0, group)
             cpass.dispatch_workgroups(x, y, z)
-        cpass.end()
 
 
 def _padded(a: np.ndarray) -> bytes:

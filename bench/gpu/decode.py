@@ -451,6 +451,9 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
     for _ in range(5):
         sess.run(None, feeds)
     row.update(tok_s=max(rates), tok_s_runs=rates, tok_s_same_length_repeated=5 / (time.perf_counter() - t0))
+    wall = sess.time_calls(feeds, reps=3, rounds=3)  # the step's dispatches alone: encode, submit-to-done, GPU
+    row["step_ms"] = {"encode": 1e3 * sess.encode_seconds, "submit_to_done": 1e3 * wall,
+                      "gpu": 1e3 * sess.gpu_seconds if sess.gpu_seconds else None}
     calls = sess.profile_calls(feeds)  # each call submitted and waited for alone: an upper bound per kernel
     by_kernel: dict[str, list] = {}
     for kname, sec in calls:

@@ -45,6 +45,7 @@ GROUP = 128
 VARIANTS = ((8, 64, False), (4, 64, True), (8, 128, True), (16, 64, True), (4, 128, True), (8, 32, True),
             (16, 128, True))  # (rows, threads, smem_x) besides the default GemvConfig()
 VARIANT_BITS = (2, 4)
+FLOOR = (4, 64, 128)  # (bits, N, K): a GEMV of 4 KB of weights, timed like the others: the cost of a dispatch
 CACHE_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
 MODEL_BPW = (4.25, 3.0)
@@ -148,6 +149,7 @@ def build(out: Path) -> None:
                 for rows, threads, smem_x in VARIANTS:
                     build_gemv(out, f"r{rows}t{threads}" + ("s" if smem_x else ""), bits, n, k,
                                GemvConfig(rows, threads, smem_x))
+    build_gemv(out, "vulkan", *FLOOR)
     log.info("GEMV plans in %.0f s", time.perf_counter() - t0)
     build_models(out)
 
@@ -203,41 +205,45 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
     from bench.gpu.decode import load_specs, random_params  # noqa: PLC0415
     from qcompile.runtime import vulkan  # noqa: PLC0415
 
-    for bits in BITS:
+    for bits, n, k in [(b, n, k) for b in BITS for n, k in SHAPES] + [FLOOR]:
         fmt = _fmt(bits)
-        for n, k in SHAPES:
-            arts = sorted(a for a in root.glob(f"*_b{bits}_n{n}_k{k}") if a.is_dir())
-            if not arts:
+        arts = sorted(a for a in root.glob(f"*_b{bits}_n{n}_k{k}") if a.is_dir())
+        if not arts:
+            continue
+        params = random_params(load_specs(arts[0]))
+        x = np.random.default_rng(bits * n + k).standard_normal((1, k)).astype(np.float32)
+        ref = _reference(fmt, params, x, n, k)
+        nbytes = _gemv_bytes(fmt, n, k)
+        copies = max(1, math.ceil(CACHE_BYTES / nbytes))
+        for art in arts:
+            kind = art.name.split("_b")[0]
+            try:
+                sess = vulkan.Session(art, device, params=params)
+                (y,) = sess.run(None, {"x": x})
+                err = _rel(y, ref)
+                seconds = sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=rounds)
+            except Exception as e:  # noqa: BLE001  (the other kernels still run)
+                log.exception("vulkan gemv %s", art.name)
+                failures.append(f"vulkan gemv {art.name}: {type(e).__name__}: {e}")
                 continue
-            params = random_params(load_specs(arts[0]))
-            x = np.random.default_rng(bits * n + k).standard_normal((1, k)).astype(np.float32)
-            ref = _reference(fmt, params, x, n, k)
-            nbytes = _gemv_bytes(fmt, n, k)
-            copies = max(1, math.ceil(CACHE_BYTES / nbytes))
-            for art in arts:
-                kind = art.name.split("_b")[0]
-                try:
-                    sess = vulkan.Session(art, device, params=params)
-                    (y,) = sess.run(None, {"x": x})
-                    err = _rel(y, ref)
-                    seconds = sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=rounds)
-                except Exception as e:  # noqa: BLE001  (the other kernels still run)
-                    log.exception("vulkan gemv %s", art.name)
-                    failures.append(f"vulkan gemv {art.name}: {type(e).__name__}: {e}")
-                    continue
-                row = {"bits": bits, "N": n, "K": k, "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9}
-                results["checks"].append({"kernel": f"vulkan_{kind}", "bits": bits, "N": n, "K": k, "group": GROUP,
-                                          "M": 1, "rel_err": err})
-                if not err < 1e-5:
-                    failures.append(f"vulkan gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
-                if kind in ("vulkan", "dlight"):
-                    results["gemv"].append({"target": "vulkan" if kind == "vulkan" else "vulkan_dlight", **row})
-                else:
-                    results["gemv_variants"].append({"config": f"vulkan_{kind}", **row})
-                log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s  err %.2g", kind, bits, n, k,
-                         row["us"], row["GBps"], err)
-                del sess
-            save()
+            row = {"bits": bits, "N": n, "K": k, "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9,
+                   "encode_us": sess.encode_seconds * 1e6}
+            if sess.gpu_seconds:  # the pass's GPU time (timestamps), barriers between dispatches included
+                row.update(us_gpu=sess.gpu_seconds * 1e6, GBps_gpu=nbytes / sess.gpu_seconds / 1e9)
+            results["checks"].append({"kernel": f"vulkan_{kind}", "bits": bits, "N": n, "K": k, "group": GROUP,
+                                      "M": 1, "rel_err": err})
+            if not err < 1e-5:
+                failures.append(f"vulkan gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
+            if (bits, n, k) == FLOOR:
+                results["gemv_variants"].append({"config": "vulkan_dispatch_floor", **row})
+            elif kind in ("vulkan", "dlight"):
+                results["gemv"].append({"target": "vulkan" if kind == "vulkan" else "vulkan_dlight", **row})
+            else:
+                results["gemv_variants"].append({"config": f"vulkan_{kind}", **row})
+            log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s (GPU clock %s us)  err %.2g", kind,
+                     bits, n, k, row["us"], row["GBps"], round(row.get("us_gpu", float("nan")), 1), err)
+            del sess
+        save()
 
 
 def run_models(root: Path, device, results: dict, failures: list) -> None:
@@ -264,7 +270,10 @@ def device_or_none(failures: list):
     try:
         from qcompile.runtime.vulkan import request_device  # noqa: PLC0415
 
-        dev = request_device(("shader-f16",))
+        try:  # GPU timestamps where the adapter has them (Session.time_calls then reports GPU time too)
+            dev = request_device(("shader-f16", "timestamp-query"))
+        except Exception:  # noqa: BLE001
+            dev = request_device(("shader-f16",))
         info = dev.adapter.info
         log.info("vulkan: %s, %s (%s)", info.get("device"), info.get("adapter_type"), info.get("description"))
         if info.get("adapter_type") == "CPU":
