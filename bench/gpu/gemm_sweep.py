@@ -31,25 +31,30 @@ log = logging.getLogger("gemm_sweep")
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
 BATCHES = (16, 64, 256)
 GROUP = 128
-# name -> (bm, bn, bk, wm, wn, ksplit)
+# name -> GemmConfig(bm, bn, bk, wm, wn, ksplit, depth).  Run 1 (depth 1 only, NOTES.md) found every
+# config latency-bound (~0.9 us per K step whatever the tile): run 2 sweeps register stages in flight.
 SWEEP = {
-    "s16_n128_k128_s4": (16, 128, 128, 1, 4, 4),
-    "s16_n128_k128_s2": (16, 128, 128, 1, 4, 2),
-    "s16_n64_k128_s4": (16, 64, 128, 1, 4, 4),
-    "s16_n128_k64_s8": (16, 128, 64, 1, 4, 8),
-    "s32_n128_k128_s4": (32, 128, 128, 2, 4, 4),
-    "s64_n128_k64_s2": (64, 128, 64, 2, 4, 2),
-    "s64_n128_k64_s1": (64, 128, 64, 2, 4, 1),
-    "s64_n64_k64_s2": (64, 64, 64, 2, 2, 2),
-    "s128_n128_k32_s1": (128, 128, 32, 2, 4, 1),
-    "s128_n128_k64_s1": (128, 128, 64, 2, 4, 1),
-    "s128_n128_k32_s2": (128, 128, 32, 2, 4, 2),
-    "s128_n256_k32_s1": (128, 256, 32, 2, 4, 1),
+    "s16_n128_k128_s8_d1": (16, 128, 128, 1, 4, 8, 1),  # run 1's best at M = 16
+    "s16_n128_k128_s8_d3": (16, 128, 128, 1, 4, 8, 3),
+    "s16_n128_k128_s4_d3": (16, 128, 128, 1, 4, 4, 3),
+    "s16_n128_k64_s8_d4": (16, 128, 64, 1, 4, 8, 4),
+    "s16_n64_k128_s4_d3": (16, 64, 128, 1, 4, 4, 3),
+    "s32_n128_k128_s4_d3": (32, 128, 128, 2, 4, 4, 3),
+    "s64_n128_k64_s2_d1": (64, 128, 64, 2, 4, 2, 1),  # run 1's best at M = 256 (and close at 64)
+    "s64_n128_k64_s2_d3": (64, 128, 64, 2, 4, 2, 3),
+    "s64_n128_k32_s2_d4": (64, 128, 32, 2, 4, 2, 4),
+    "s64_n64_k64_s2_d3": (64, 64, 64, 2, 2, 2, 3),
+    "s64_n128_k64_s1_d3": (64, 128, 64, 2, 4, 1, 3),
+    "s128_n128_k32_s2_d4": (128, 128, 32, 2, 4, 2, 4),
+    "s128_n128_k32_s1_d4": (128, 128, 32, 2, 4, 1, 4),
+    "s128_n128_k64_s2_d2": (128, 128, 64, 2, 4, 2, 2),
 }
-DEFAULTS = ("s16_n128_k128_s4", "s64_n128_k64_s2", "s128_n128_k32_s1")  # gemm.gemm_tiers at the time of the sweep
-CHECK_A = (16, 128, 64, 1, 4, 2)  # every format: N=200, K=512 (its own group), M=37
-CHECK_B = (128, 128, 32, 2, 4, 1)  # every width, group 32: N=136, K=352 (11 chunks), M=300
+DEFAULTS = ("s16_n128_k128_s8_d3", "s64_n128_k64_s2_d3", "s128_n128_k32_s2_d4")  # gemm_tiers during run 2
+# (since run 2, gemm_tiers: s16_n128_k128_s4_d3, s32_n128_k128_s4_d3, s64_n128_k64_s2_d1; NOTES.md)
+CHECK_A = (16, 128, 64, 1, 4, 2, 3)  # every format: N=200, K=512 (its own group), M=37; 4 steps, 3 in flight
+CHECK_B = (128, 128, 32, 2, 4, 1, 4)  # every width, group 32: N=136, K=352 (11 steps, 4 in flight), M=300
 DISPATCH_M = (1, 8, 9, 16, 17, 100, 300)
+DLIGHT = False  # dlight's wmma schedule of the same numerics (run 1: 89-327 us, far behind): not rebuilt
 L2_BYTES = 256 << 20
 
 
@@ -89,7 +94,7 @@ def build(out: Path) -> None:
                     funcs[_tname(name, bits, n, k)] = gemm.gemm(fmt, k, n, _cfg(t))
                     index["timed"].append([name, bits, n, k])
     dfuncs = {}
-    for n, k in SHAPES:
+    for n, k in SHAPES if DLIGHT else ():
         dfuncs[_tname("dlight_wmma", 4, n, k)] = gemm.dequant_matmul_f16(WeightFormat(4, GROUP), k, n)
         index["dlight"].append(["dlight_wmma", 4, n, k])
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -231,7 +236,11 @@ def row(target: str, bits: int, m: int, n: int, k: int, us: float, **extra) -> d
             "GBps": nbytes / us / 1e3, **extra}
 
 
-def run(root: Path, json_path: Path) -> int:
+PARTS = ("checks", "sweep", "gpu_check")
+
+
+def run(root: Path, json_path: Path, parts: tuple[str, ...] = PARTS) -> int:
+    """``parts`` of the run (each in its own process where a crash could take the CUDA context along)."""
     import torch  # noqa: PLC0415
 
     import qcompile.runtime  # noqa: F401, PLC0415
@@ -269,17 +278,18 @@ def run(root: Path, json_path: Path) -> int:
         if not ok:
             res["failures"].append(f"{fname} M={m}: vs fp16 ref {e16:.3g}, vs fp32 {e32:.3g}, written {full}")
 
-    for fmt in PRESETS.values():
-        check(f"chk_a_{fmt.name}", fmt, 200, 512, 37)
-    for bits in (2, 3, 4, 5, 6, 8):
-        check(f"chk_b_q{bits}g32", WeightFormat(bits, 32), 136, 352, 300)
-        for m in DISPATCH_M:
-            check(f"qmm_q{bits}g128", WeightFormat(bits, GROUP), 264, 768, m)
-    run_models(root, res)
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(res, indent=1) + "\n")
+    if "checks" in parts:
+        for fmt in PRESETS.values():
+            check(f"chk_a_{fmt.name}", fmt, 200, 512, 37)
+        for bits in (2, 3, 4, 5, 6, 8):
+            check(f"chk_b_q{bits}g32", WeightFormat(bits, 32), 136, 352, 300)
+            for m in DISPATCH_M:
+                check(f"qmm_q{bits}g128", WeightFormat(bits, GROUP), 264, 768, m)
+        run_models(root, res)
+        json_path.write_text(json.dumps(res, indent=1) + "\n")
 
-    for n, k in SHAPES:
+    for n, k in SHAPES if "sweep" in parts else ():
         for m in BATCHES:
             res["sweep"].append(row("torch_fp16", 16, m, n, k, time_torch(torch, timer, n, k, m)))
             log.info("torch fp16 M=%d %dx%d: %.1f us", m, n, k, res["sweep"][-1]["us"])
@@ -307,12 +317,13 @@ def run(root: Path, json_path: Path) -> int:
             del sets
             torch.cuda.empty_cache()
             json_path.write_text(json.dumps(res, indent=1) + "\n")
-    res["gpu_check_gemm"] = {"gemm": [], "checks": []}  # gpu_check's section, as the final run will do it
-    try:
-        run_check(tvm, root, torch, tvm_ffi, timer, res["gpu_check_gemm"], res["failures"])
-    except Exception as e:  # noqa: BLE001
-        log.exception("run_check")
-        res["failures"].append(f"run_check: {type(e).__name__}: {e}")
+    if "gpu_check" in parts:
+        res["gpu_check_gemm"] = {"gemm": [], "checks": []}  # gpu_check's section, as the final run does it
+        try:
+            run_check(tvm, root, torch, tvm_ffi, timer, res["gpu_check_gemm"], res["failures"])
+        except Exception as e:  # noqa: BLE001
+            log.exception("run_check")
+            res["failures"].append(f"run_check: {type(e).__name__}: {e}")
     res["timing"] = "eager launches" if timer.eager else "CUDA graph replays over L2-exceeding weight copies"
     json_path.write_text(json.dumps(res, indent=1) + "\n")
     _summary(res)
@@ -352,6 +363,9 @@ def _summary(res: dict) -> None:
     worst16 = max((c["rel_err_fp16_ref"] for c in res["checks"] if c["M"] > 8), default=float("nan"))
     worst32 = max((c["rel_err_fp32_ref"] for c in res["checks"] if c["M"] > 8), default=float("nan"))
     print(f"M > 8: worst rel err vs fp16-emulating ref {worst16:.2g}, vs fp32 {worst32:.2g}")
+    for r in res.get("gpu_check_gemm", {}).get("gemm", []):
+        print(f"gpu_check gemm {r['target']}:{r['bits']} M={r['M']} {r['N']}x{r['K']}: {r['us']:.1f} us "
+              f"{r['TFLOPs']:.1f} TF")
     for r in res.get("models", []):
         print(f"model {r['model']} b{r['batch']}: vs x86 float {r['rel_err_vs_x86_float']:.2g}, "
               f"vs ORT {r['rel_err_vs_ort_decoded']:.2g}")
@@ -363,23 +377,6 @@ def _summary(res: dict) -> None:
     for key, r in sorted(best.items(), key=lambda kv: (kv[0][2], kv[0][3], kv[0][4], kv[0][0], kv[0][1])):
         print(f"{key[0]:>10} b{key[1]:<2} M={key[2]:<3} {key[3]}x{key[4]}: {r['us']:8.1f} us {r['TFLOPs']:6.1f} TF "
               f"{r.get('config', '')}")
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("build", "run"))
-    ap.add_argument("--dir", type=Path, default=Path(".gpu/gemm"))
-    ap.add_argument("--json", type=Path, default=Path("bench/results/gpu_gemm_sweep.json"))
-    args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    if args.step == "build":
-        build(args.dir)
-        return 0
-    return run(args.dir, args.json)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
 
 
 # ------------------------------------------------------------------------- gpu_check's GEMM section
@@ -451,3 +448,21 @@ def run_check(tvm, root: Path, torch, tvm_ffi, timer, results: dict, failures: l
                 del ys
             del sets, p_t
             torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("step", choices=("build", "run"))
+    ap.add_argument("--dir", type=Path, default=Path(".gpu/gemm"))
+    ap.add_argument("--json", type=Path, default=Path("bench/results/gpu_gemm_sweep.json"))
+    ap.add_argument("--part", choices=PARTS, action="append", help="run only these parts (repeatable)")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
+    if args.step == "build":
+        build(args.dir)
+        return 0
+    return run(args.dir, args.json, tuple(args.part or PARTS))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

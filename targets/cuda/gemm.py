@@ -49,6 +49,7 @@ GEMV_MAX_M = 8  # batch <= 8 keeps the GEMV (weights streamed once per row: fine
 FP16_TOLERANCE = 2e-3  # ||y - y_fp32|| / ||y_fp32||: fp16 x and weights (measured ~3e-4 on random data)
 EMULATED_TOLERANCE = 1e-5  # ||y - reference|| / ||reference||: only the float32 summation order differs
 MAGIC = 0x6400  # float16 1024.0: 1024 + v is exact in fp16 for integers v < 1024
+MMA = "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"  # D = A (16x16, row) B (16x8, col) + C, fp32 C/D
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,26 +63,28 @@ class GemmConfig:
     wm: int = 2
     wn: int = 4
     ksplit: int = 1
+    depth: int = 1  # K steps whose global loads are in flight at once (register stages)
 
     def __post_init__(self):
-        if self.bm % (16 * self.wm) or self.bn % (16 * self.wn) or self.bk % CHUNK:
-            raise ValueError(f"{self}: bm/wm and bn/wn must be multiples of 16, bk of {CHUNK}")
+        if self.bm % (16 * self.wm) or self.bn % (16 * self.wn) or self.bk % CHUNK or self.depth < 1:
+            raise ValueError(f"{self}: bm/wm and bn/wn must be multiples of 16, bk of {CHUNK}, depth >= 1")
 
     @property
     def name(self) -> str:
-        return f"m{self.bm}n{self.bn}k{self.bk}w{self.wm}x{self.wn}s{self.ksplit}"
+        return f"m{self.bm}n{self.bn}k{self.bk}w{self.wm}x{self.wn}s{self.ksplit}d{self.depth}"
 
 
 def gemm_config(max_m: int, n: int, k: int) -> GemmConfig:
-    """Tile for batches up to ``max_m`` rows (None: any): big tiles for big batches; small batches split
-    K across blocks so that the grid covers the GPU (132 SMs on an H100) and x is read once per 128
-    output channels."""
-    if max_m is not None and max_m <= 32:
-        cfg = GemmConfig(bm=16 if max_m <= 16 else 32, bn=128, bk=128, wm=1, wn=4, ksplit=4)
+    """Tile for batches up to ``max_m`` rows (None: any), the best of the H100 sweep over 4096x4096,
+    4096x14336 and 14336x4096 at M = 16, 64, 256 (bench/gpu/NOTES.md, bench/results/gpu_gemm_sweep.json).
+    Small batches split K across blocks (atomics into y) so that the grid covers the GPU; each weight is
+    dequantized once per ``bm`` rows, so bigger batches take taller tiles."""
+    if max_m is not None and max_m <= 16:
+        cfg = GemmConfig(bm=16, bn=128, bk=128, wm=1, wn=4, ksplit=4, depth=3)
     elif max_m is not None and max_m <= 128:
-        cfg = GemmConfig(bm=64, bn=128, bk=64, wm=2, wn=4, ksplit=2)
+        cfg = GemmConfig(bm=32, bn=128, bk=128, wm=2, wn=4, ksplit=4, depth=3)
     else:
-        cfg = GemmConfig(bm=128, bn=128, bk=32, wm=2, wn=4, ksplit=1)
+        cfg = GemmConfig(bm=64, bn=128, bk=64, wm=2, wn=4, ksplit=2, depth=1)
     return fit_config(cfg, k)
 
 
@@ -221,7 +224,7 @@ def gemm(fmt: WeightFormat, k: int, n: int, config: GemmConfig | None = None):
     if k % g or k % CHUNK:
         raise ValueError(f"gemm: K={k} must divide by group {g} and by {CHUNK}")
     cfg = fit_config(config or gemm_config(None, n, k), k)
-    bm, bn, bk, wm, wn, ks = cfg.bm, cfg.bn, cfg.bk, cfg.wm, cfg.wn, cfg.ksplit
+    bm, bn, bk, wm, wn, ks, depth = cfg.bm, cfg.bn, cfg.bk, cfg.wm, cfg.wn, cfg.ksplit, cfg.depth
     p0 = planes[0]
     p1 = planes[1] if len(planes) > 1 else planes[0]
     two = len(planes) > 1
@@ -233,6 +236,7 @@ def gemm(fmt: WeightFormat, k: int, n: int, config: GemmConfig | None = None):
     kw = bk // 2 + 4  # shared row: bk fp16 in uint32 pairs + 16 bytes of padding
     kslice = k // ks  # codes per block along K
     steps = kslice // bk
+    depth = min(depth, steps)  # no more stages than steps (and TVM 0.27 loses the stage variable if so)
     nchunks, nunits = bn * bk // CHUNK, bm * bk // 16  # weight chunks (32 codes) and x units (16) per step
     cw, cx = -(-nchunks // threads), -(-nunits // threads)
     cpr, upr = bk // CHUNK, bk // 16  # chunks and units per row and step
@@ -263,15 +267,17 @@ def gemm(fmt: WeightFormat, k: int, n: int, config: GemmConfig | None = None):
             out = T.if_then_else(i == j, T.uint32(table[j]), out)
         return out
 
-    def pair_bits(wr0, wr1, c, q):
-        """Pair ``q``'s two codes in one uint32 over the magic 1024 (module docstring), chunk ``c``."""
+    def pair_bits(wr0, wr1, sg, c, q):
+        """Pair ``q``'s two codes in one uint32 over the magic 1024 (module docstring), chunk ``c`` of
+        register stage ``sg``."""
         _, _, word, shift, pos, word1, d_lo, d_hi = _pair_fields(planes, q)
-        h = T.bitwise_and(T.shift_right(wr0[c, word], u32(shift)),
+        h = T.bitwise_and(T.shift_right(wr0[sg, c, word], u32(shift)),
                           lut(pos, [(m0 << v) | (m0 << (v + 16)) for v in range(8)]))
         if two:
             h = T.bitwise_or(h, T.bitwise_or(
-                T.bitwise_and(sh(wr1[c, word1], d_lo), lut(pos, [(m1 << (v + p0)) & 0xFFFFFFFF for v in range(8)])),
-                T.bitwise_and(sh(wr1[c, word1], d_hi),
+                T.bitwise_and(sh(wr1[sg, c, word1], d_lo),
+                              lut(pos, [(m1 << (v + p0)) & 0xFFFFFFFF for v in range(8)])),
+                T.bitwise_and(sh(wr1[sg, c, word1], d_hi),
                               lut(pos, [(m1 << (v + p0 + 16)) & 0xFFFFFFFF for v in range(8)]))))
         return T.bitwise_or(h, T.uint32(magic))
 
@@ -317,11 +323,11 @@ def gemm(fmt: WeightFormat, k: int, n: int, config: GemmConfig | None = None):
                             # flat: a 2-D buffer would be compacted to the columns used (no padding)
                             a_s = T.alloc_buffer((2 * bm * kw,), "uint32", scope="shared.dyn")
                             b_s = T.alloc_buffer((2 * bn * kw,), "uint32", scope="shared.dyn")
-                            xr = T.alloc_buffer((cx, 16), "float32", scope="local")
-                            wr0 = T.alloc_buffer((cw, v0), "uint32", scope="local")
-                            wr1 = T.alloc_buffer((cw, v1), "uint32", scope="local")
-                            sr = T.alloc_buffer((cw,), "float16", scope="local")
-                            zr = T.alloc_buffer((cw,), "float16", scope="local")
+                            xr = T.alloc_buffer((depth, cx, 16), "float32", scope="local")
+                            wr0 = T.alloc_buffer((depth, cw, v0), "uint32", scope="local")
+                            wr1 = T.alloc_buffer((depth, cw, v1), "uint32", scope="local")
+                            sr = T.alloc_buffer((depth, cw), "float16", scope="local")
+                            zr = T.alloc_buffer((depth, cw), "float16", scope="local")
                             hx = T.alloc_buffer((8,), "uint32", scope="local")
                             dq = T.alloc_buffer((16,), "uint32", scope="local")
                             af = T.alloc_buffer((mt, 4), "uint32", scope="local")
@@ -333,74 +339,86 @@ def gemm(fmt: WeightFormat, k: int, n: int, config: GemmConfig | None = None):
                                 for j in T.unroll(nt):
                                     for e in T.unroll(4):
                                         acc[i, j, e] = T.float32(0)
-                            for st in range(steps + 1):
-                                if st < steps:  # step st's words, scales, zeros and x into registers
-                                    for c in T.unroll(cw):
-                                        q = T.meta_var(c * threads + tid)  # chunk q: row q // cpr, chunk q % cpr
-                                        row = T.meta_var(T.min(nb * bn + q // cpr, n - 1))
-                                        kk0 = T.meta_var(k0 + st * bk + q % cpr * CHUNK)
-                                        if q < nchunks:
-                                            for i0 in T.unroll(v0 // vec0):
-                                                for i in T.vectorized(vec0):
-                                                    wr0[c, i0 * vec0 + i] = w0[row, kk0 * p0 // 32 + i0 * vec0 + i]
-                                            if two:
-                                                for i0 in T.unroll(v1 // vec1):
-                                                    for i in T.vectorized(vec1):
-                                                        wr1[c, i0 * vec1 + i] = w1[row, kk0 * p1 // 32 + i0 * vec1 + i]
-                                            sr[c] = s[row, kk0 // g]
-                                            zr[c] = z[row, kk0 // g]
-                                    for c in T.unroll(cx):
-                                        q = T.meta_var(c * threads + tid)  # x unit q: row q // upr, 16 codes
-                                        xrow = T.meta_var(T.min(T.Cast("int64", mb * bm + q // upr), m - 1))
-                                        if q < nunits:
-                                            for i0 in T.unroll(4):
-                                                for i in T.vectorized(4):
-                                                    xr[c, i0 * 4 + i] = x[xrow,
-                                                                          k0 + st * bk + q % upr * 16 + i0 * 4 + i]
-                                if st > 0:  # the tensor cores on step st - 1 (shared buffer (st + 1) % 2)
-                                    abase = T.meta_var(((st + 1) % 2 * bm + wy // wn * tm) * kw)
-                                    bbase = T.meta_var(((st + 1) % 2 * bn + wy % wn * tn) * kw)
-                                    for kk in T.unroll(bk // 16):
-                                        for i in T.unroll(mt):
-                                            T.evaluate(T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"](
-                                                af[i, 0], af[i, 1], af[i, 2], af[i, 3],
-                                                T.address_of(a_s[abase + (i * 16 + tx % 16) * kw + kk * 8
-                                                                 + tx // 16 * 4])))
-                                        for j in T.unroll(nt // 2):
-                                            T.evaluate(T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"](
-                                                bf[2 * j, 0], bf[2 * j, 1], bf[2 * j + 1, 0], bf[2 * j + 1, 1],
-                                                T.address_of(b_s[bbase + (j * 16 + tx % 8 + tx // 16 * 8) * kw + kk * 8
-                                                                 + tx // 8 % 2 * 4])))
-                                        for i in T.unroll(mt):
-                                            for j in T.unroll(nt):
-                                                T.evaluate(T.ptx["mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32"](
-                                                    acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3],
-                                                    af[i, 0], af[i, 1], af[i, 2], af[i, 3], bf[j, 0], bf[j, 1],
-                                                    acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3]))
-                                if st < steps:  # step st into shared buffer st % 2, as fp16 pairs
-                                    for c in T.unroll(cx):
-                                        q = T.meta_var(c * threads + tid)
-                                        if q < nunits:
-                                            for p in T.unroll(8):
-                                                T.evaluate(T.ptx["cvt.rn.f16x2.f32"](
-                                                    hx[p], xr[c, x_hi(p)], xr[c, x_lo(p)]))
-                                            for i0 in T.unroll(2):
-                                                for i in T.vectorized(4):
-                                                    a_s[(st % 2 * bm + q // upr) * kw + q % upr * 8 + i0 * 4 + i] = \
-                                                        hx[i0 * 4 + i]
-                                    for c in T.unroll(cw):
-                                        q = T.meta_var(c * threads + tid)
-                                        if q < nchunks:
-                                            for p in T.unroll(16):
-                                                T.evaluate(T.ptx["fma.rn.f16x2"](
-                                                    dq[p], pair_bits(wr0, wr1, c, p), pow2_pair(p), offset_pair(p)))
-                                                T.evaluate(T.ptx["fma.rn.f16x2"](
-                                                    dq[p], dq[p], half2(sr[c]), half2(zr[c])))
-                                            for i0 in T.unroll(4):
-                                                for i in T.vectorized(4):
-                                                    b_s[(st % 2 * bn + q // cpr) * kw + q % cpr * 16 + i0 * 4 + i] = \
-                                                        dq[i0 * 4 + i]
-                                T.tvm_storage_sync("shared.dyn")
+                            # iteration st: loads of step st, the tensor cores on step st - depth, step st + 1 - depth
+                            # into shared memory; a register stage per step in flight (unrolled: constant indices)
+                            for st0 in range((steps + depth + depth - 1) // depth):
+                                for d in T.unroll(depth):
+                                    st = T.meta_var(st0 * depth + d)
+                                    if st < steps:  # step st's words, scales, zeros, x into register stage d
+                                        for c in T.unroll(cw):
+                                            q = T.meta_var(c * threads + tid)  # row q // cpr, chunk q % cpr
+                                            row = T.meta_var(T.min(nb * bn + q // cpr, n - 1))
+                                            kk0 = T.meta_var(k0 + st * bk + q % cpr * CHUNK)
+                                            if q < nchunks:
+                                                for i0 in T.unroll(v0 // vec0):
+                                                    for i in T.vectorized(vec0):
+                                                        wr0[d, c, i0 * vec0 + i] = w0[row, kk0 * p0 // 32
+                                                                                      + i0 * vec0 + i]
+                                                if two:
+                                                    for i0 in T.unroll(v1 // vec1):
+                                                        for i in T.vectorized(vec1):
+                                                            wr1[d, c, i0 * vec1 + i] = w1[row, kk0 * p1 // 32
+                                                                                          + i0 * vec1 + i]
+                                                sr[d, c] = s[row, kk0 // g]
+                                                zr[d, c] = z[row, kk0 // g]
+                                        for c in T.unroll(cx):
+                                            q = T.meta_var(c * threads + tid)  # x unit q: row q // upr, 16 codes
+                                            xrow = T.meta_var(T.min(T.Cast("int64", mb * bm + q // upr),
+                                                                    m - 1))
+                                            if q < nunits:
+                                                for i0 in T.unroll(4):
+                                                    for i in T.vectorized(4):
+                                                        xr[d, c, i0 * 4 + i] = x[xrow,
+                                                                              k0 + st * bk + q % upr * 16 + i0 * 4 + i]
+                                    if st >= depth and st < steps + depth:  # the tensor cores on step st - depth
+                                        abase = T.meta_var(((st + depth) % 2 * bm + wy // wn * tm) * kw)
+                                        bbase = T.meta_var(((st + depth) % 2 * bn + wy % wn * tn) * kw)
+                                        for kk in T.unroll(bk // 16):
+                                            for i in T.unroll(mt):
+                                                T.evaluate(T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"](
+                                                    af[i, 0], af[i, 1], af[i, 2], af[i, 3],
+                                                    T.address_of(a_s[abase + (i * 16 + tx % 16) * kw + kk * 8
+                                                                     + tx // 16 * 4])))
+                                            for j in T.unroll(nt // 2):
+                                                T.evaluate(T.ptx["ldmatrix.sync.aligned.m8n8.x4.shared.b16"](
+                                                    bf[2 * j, 0], bf[2 * j, 1], bf[2 * j + 1, 0], bf[2 * j + 1, 1],
+                                                    T.address_of(b_s[bbase + (j * 16 + tx % 8 + tx // 16 * 8) * kw
+                                                                     + kk * 8 + tx // 8 % 2 * 4])))
+                                            for i in T.unroll(mt):
+                                                for j in T.unroll(nt):
+                                                    T.evaluate(T.ptx[MMA](
+                                                        acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3],
+                                                        af[i, 0], af[i, 1], af[i, 2], af[i, 3], bf[j, 0], bf[j, 1],
+                                                        acc[i, j, 0], acc[i, j, 1], acc[i, j, 2], acc[i, j, 3]))
+                                    # step st + 1 - depth (register stage (d + 1) % depth) into shared buffer
+                                    # (st + 1 - depth) % 2, as fp16 pairs
+                                    if st + 1 >= depth and st + 1 < steps + depth:
+                                        for c in T.unroll(cx):
+                                            q = T.meta_var(c * threads + tid)
+                                            if q < nunits:
+                                                for p in T.unroll(8):
+                                                    T.evaluate(T.ptx["cvt.rn.f16x2.f32"](
+                                                        hx[p], xr[(d + 1) % depth, c, x_hi(p)],
+                                                        xr[(d + 1) % depth, c, x_lo(p)]))
+                                                for i0 in T.unroll(2):
+                                                    for i in T.vectorized(4):
+                                                        a_s[((st + 1 + depth) % 2 * bm + q // upr) * kw + q % upr * 8
+                                                            + i0 * 4 + i] = hx[i0 * 4 + i]
+                                        for c in T.unroll(cw):
+                                            q = T.meta_var(c * threads + tid)
+                                            if q < nchunks:
+                                                for p in T.unroll(16):
+                                                    T.evaluate(T.ptx["fma.rn.f16x2"](
+                                                        dq[p], pair_bits(wr0, wr1, (d + 1) % depth, c, p), pow2_pair(p),
+                                                        offset_pair(p)))
+                                                    T.evaluate(T.ptx["fma.rn.f16x2"](
+                                                        dq[p], dq[p], half2(sr[(d + 1) % depth, c]),
+                                                        half2(zr[(d + 1) % depth, c])))
+                                                for i0 in T.unroll(4):
+                                                    for i in T.vectorized(4):
+                                                        b_s[((st + 1 + depth) % 2 * bn + q // cpr) * kw + q % cpr * 16
+                                                            + i0 * 4 + i] = dq[i0 * 4 + i]
+                                    T.tvm_storage_sync("shared.dyn")
                             # C fragment e of tile (i, j): row tx // 4 (+ 8 for e >= 2), column 2 * (tx % 4) + e % 2
                             for i in T.unroll(mt):
                                 for j in T.unroll(nt):
