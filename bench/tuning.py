@@ -1,6 +1,6 @@
 """``qcompile tune``: speedup on x86 (a CNN, a decoder LLM), and tuning throughput over a TVM RPC tracker.
 
-    python bench/tuning.py [--trials 8] [--rpc-trials 4] [--decoder-trials 9] [--only x86,rpc,decoder]
+    python bench/tuning.py [--trials 8] [--rpc-trials 4] [--decoder-trials 12] [--only x86,rpc,decoder]
 
 - ``x86``: a small CNN (4 convolutions, batch 1, 4.25 bpw: the largest conv runs on our quantized kernel,
   the others stay float and are tuned) is tuned into a fresh database (``--trials`` schedules per kernel),
@@ -211,7 +211,7 @@ def main(argv=None) -> int:
     p.add_argument("--trials", type=int, default=8, help="x86: schedules per kernel")
     p.add_argument("--rpc-trials", type=int, default=4, help="rpc: schedules per kernel")
     p.add_argument("--servers", type=int, nargs="+", default=[1, 2, 4])
-    p.add_argument("--decoder-trials", type=int, default=9, help="x86_decoder: knob settings per quantized kernel")
+    p.add_argument("--decoder-trials", type=int, default=12, help="x86_decoder: knob settings per quantized kernel")
     p.add_argument("--only", default="x86,rpc,decoder", help="comma-separated parts to run (x86, rpc, decoder)")
     p.add_argument("--out", type=Path, default=None,
                    help="default: bench/results/tuning.json, or tuning_decoder.json for --only decoder")

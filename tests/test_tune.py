@@ -248,7 +248,7 @@ def _t(a):
 
 
 @pytest.mark.parametrize("config", [{"tiles": 2, "row_block": 8}, {"nest": "split", "tiles": 2},
-                                    {"nest": "split-serial-gemv", "tiles": 4, "row_block": 2}])
+                                    {"nest": "split", "tiles": 4, "row_block": 2}])
 def test_int8_kernel_with_other_knobs_matches_numpy(config):
     from qcompile.passes.formats import PRESETS
     from qcompile.targets.x86 import X86Target, host_target
@@ -271,7 +271,7 @@ def test_int8_kernel_with_other_knobs_matches_numpy(config):
 
 
 @pytest.mark.parametrize("config", [{"accs": 2, "row_block": 8, "panel_k": 256},
-                                    {"nest": "split-serial-gemv", "accs": 8, "row_block": 2}])
+                                    {"nest": "split", "accs": 8, "row_block": 2}])
 def test_float_kernel_with_other_knobs_matches_numpy(config):
     from qcompile.passes.formats import PRESETS
 

@@ -34,7 +34,7 @@ __all__ = ["tile_for", "dequant_matmul", "im2col", "tile_planes", "tile_groups",
 ROW_BLOCK = 4  # rows of x per register block in the GEMM path
 ACCS = 4  # independent accumulators in the GEMV path (hides FMA latency)
 PANEL_K = 512  # K extent of the dequantized weight panel in the GEMM path (t*512*4 B in L1/L2)
-NESTS = ("fused", "split", "split-serial-gemv")  # loop nests over the tiles (the knob "nest", below)
+NESTS = ("fused", "split")  # loop nests over the tiles (the knob "nest", below)
 OPAQUE = 8  # relax OpPatternKind.kOpaque: our kernels are called as they are, never fused
 # Scratch buffers are allocated with scope="global": TVM 0.27 makes a constant-size "global" buffer under
 # 1 KiB a stack alloca, but sends every "local" one through TVMBackendAllocWorkspace/FreeWorkspace on
@@ -48,9 +48,10 @@ SCHEDULE = KnobSpace(
     # 32: the knob space sees K and N only)
     applies=lambda config, k, n, g=32: config["panel_k"] == PANEL_K or
     _panel(g, k, config["panel_k"]) != _panel(g, k, PANEL_K),
+    # (a serial GEMV loop was a third nest: 2-4x faster alone at M=1 on this loaded 2-core machine, but the
+    # decoder's decode step went 6.2 -> 7.7 ms with it: the thread pool's cost is not the kernel's alone)
     doc={"nest": "fused: one parallel loop over tiles, the GEMV/GEMM choice inside it; split: the choice "
-                 "outside, each path its own parallel loop; split-serial-gemv: and the GEMV loop serial (no "
-                 "thread-pool launch, for kernels too small to pay for it)",
+                 "outside, each path its own parallel loop",
          "accs": "independent accumulators in the GEMV path (M < row_block): FMA latency vs registers",
          "row_block": "rows of x per register block in the GEMM path (M >= row_block)",
          "panel_k": "largest K extent of the dequantized weight panel in the GEMM path (whole groups)"})
@@ -232,7 +233,7 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int, accs
                 else:
                     gemm(nt, m, x, ws, s, z, y)
         elif m < rb:
-            for nt in (T.serial if nest == "split-serial-gemv" else T.parallel)(nt_):
+            for nt in T.parallel(nt_):
                 gemv(nt, m, x, ws, s, z, y, xsum)
         else:
             for nt in T.parallel(nt_):

@@ -53,15 +53,16 @@ __all__ = ["TILE", "MAX_BITS", "SCHEDULE", "supports", "dot_planes", "codes_from
 TILE = 8  # outputs per tile: the int32 lanes of one AVX2 register
 MAX_BITS = 6
 ROW_BLOCK = 4  # rows sharing one decoded weight sub-block in the GEMM path (the default of the knob)
-NESTS = ("fused", "split", "split-serial-gemv")  # loop nests over the tiles (the knob "nest", below)
+NESTS = ("fused", "split")  # loop nests over the tiles (the knob "nest", below)
 
 SCHEDULE = KnobSpace(
     "qmatmul_i8",
     {"nest": NESTS, "tiles": (1, 2, 4), "row_block": (ROW_BLOCK, 2, 8)},
     applies=lambda config, k, n: (n // TILE) % config["tiles"] == 0,
+    # (a serial GEMV loop was a third nest: 2-4x faster alone at M=1 on this loaded 2-core machine, but the
+    # decoder's decode step went 6.2 -> 7.7 ms with it: the thread pool's cost is not the kernel's alone)
     doc={"nest": "fused: one parallel loop over tiles, the GEMV/GEMM choice inside it; split: the choice "
-                 "outside, each path its own parallel loop; split-serial-gemv: and the GEMV loop serial (no "
-                 "thread-pool launch, for kernels too small to pay for it)",
+                 "outside, each path its own parallel loop",
          "tiles": "output tiles of 8 one parallel task computes; in the GEMV path (M < row_block) side by "
                   "side, one activation broadcast feeding `tiles` vpmaddubsw",
          "row_block": "rows sharing one decoded weight sub-block in the GEMM path (M >= row_block); the GEMV "
@@ -237,7 +238,6 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
     two = len(planes) > 1
 
     quantize_row = activation_quantizer(kg, bpg)
-    gemv_loop = T.serial if nest == "split-serial-gemv" else T.parallel
 
     @T.macro
     def gemv(nt, m, ws, xq, sx, xs, s, z, y):
@@ -372,7 +372,7 @@ def _kernel(planes: tuple[int, ...], g: int, k: int, n: int, nti: int = 1, rb: i
                     for tt in range(nti):
                         gemm(ntp * nti + tt, m, ws, xq, sx, xs, s, z, y)
         elif m < rb:
-            for ntp in gemv_loop(nt_ // nti):
+            for ntp in T.parallel(nt_ // nti):
                 if nti == 1:
                     gemv(ntp, m, ws, xq, sx, xs, s, z, y)
                 else:
