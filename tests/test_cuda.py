@@ -202,3 +202,154 @@ def test_gpu_outputs_match_x86_and_onnxruntime(cuda_artifact, batch):
     ref = ort.InferenceSession(fake.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
     np.testing.assert_allclose(got, ref_x86, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+# -- the tensor-core dequant-GEMM (batch > 8) -----------------------------------------------------
+
+
+def _relerr(a, b) -> float:
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def _packed(rng, fmt, n, k):
+    codes = rng.integers(0, fmt.max_code + 1, (n, k)).astype(np.uint8)
+    s = (rng.random((n, k // fmt.group_size)) * 0.02 + 0.005).astype(np.float16)
+    z = (-rng.random((n, k // fmt.group_size)) * 0.05).astype(np.float16)
+    return codes, fmt.pack(codes), s, z
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_gemm_dequantize_pairs_match_the_format(name):
+    """The kernel's bit tricks in numpy (codes at bits p and p+16 ORed into half2 1024.0, the high
+    plane's bits rotated next to them, two fp16 FMAs) give float16(code * scale + zero), rounded once,
+    in the shared-memory order of pair_order."""
+    from qcompile.targets.cuda import gemm
+
+    fmt = PRESETS[name]
+    rng = np.random.default_rng(fmt.bits * 1000 + fmt.group_size)
+    n, k = 7, 256
+    codes, planes, s, z = _packed(rng, fmt, n, k)
+    order = gemm.pair_order(tuple(fmt.planes))
+    assert sorted(order) == list(range(32)) and list(order[16:]) == [o + 16 for o in order[:16]]
+    g = fmt.group_size
+    w64 = codes.astype(np.float64).reshape(n, k // g, g) * s.astype(np.float64)[..., None] + \
+        z.astype(np.float64)[..., None]
+    perm = (np.arange(0, k, 32)[:, None] + order[None, :]).reshape(-1)
+    want = w64.reshape(n, k).astype(np.float16)[:, perm]
+    np.testing.assert_array_equal(gemm.dequantize_pairs(fmt, planes, s, z).view(np.uint16), want.view(np.uint16))
+
+
+def test_gemm_reference_and_tolerances():
+    """The numpy equivalent rounds x and W to fp16: against float32 operands its error is well inside
+    FP16_TOLERANCE (the bound the GPU checks assert); a plain float32 matmul is far inside it."""
+    from qcompile.targets.cuda import gemm
+
+    rng = np.random.default_rng(1)
+    fmt = WeightFormat(4, 32)
+    codes, planes, s, z = _packed(rng, fmt, 64, 512)
+    x = rng.standard_normal((40, 512)).astype(np.float32)
+    w32 = (codes.astype(np.float32).reshape(64, 16, 32) * s.astype(np.float32)[..., None]
+           + z.astype(np.float32)[..., None]).reshape(64, 512)
+    exact = x.astype(np.float64) @ w32.astype(np.float64).T
+    err = _relerr(gemm.reference(fmt, planes, s, z, x), exact)
+    assert 1e-5 < err < gemm.FP16_TOLERANCE / 2  # fp16 rounding is visible, and within the bound
+    assert _relerr(x @ w32.T, exact) < gemm.EMULATED_TOLERANCE
+
+
+def test_gemm_configs_fit_k():
+    from qcompile.targets.cuda import gemm
+
+    assert gemm.fit_config(gemm.GemmConfig(bk=128, ksplit=4), 4096) == gemm.GemmConfig(bk=128, ksplit=4)
+    assert gemm.fit_config(gemm.GemmConfig(bk=128, ksplit=4), 352) == gemm.GemmConfig(bk=32, ksplit=1)  # 11 chunks
+    assert gemm.fit_config(gemm.GemmConfig(bk=64, ksplit=2), 14336).bk * 2 <= 14336
+    tiers = gemm.gemm_tiers(4096, 4096)
+    assert tiers[-1][0] is None and [t[0] for t in tiers[:-1]] == sorted(t[0] for t in tiers[:-1])
+    assert all(t[0] > gemm.GEMV_MAX_M for t in tiers[:-1])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        gemm.GemmConfig(bm=24)
+
+
+@needs_nvcc
+@pytest.mark.parametrize("bits", BITS)
+def test_gemm_cuda_source_and_fatbin(bits):
+    """Each width's GEMM compiles ahead of time: ldmatrix + mma.sync m16n8k16 (f32 += f16 x f16), the
+    fp16 conversions, 16-byte shared stores; K split across blocks adds into y with atomics; the masks
+    and shifts are constants in the kernel (none hoisted into launch parameters), and so are the
+    register stages' indices (no local-memory arrays: no stack frame in the SASS)."""
+    import tvm
+
+    from qcompile.targets.cuda import build, gemm
+
+    fmt = WeightFormat(bits, 32)
+    cfg = gemm.GemmConfig(bm=16, bn=64, bk=64, wm=1, wn=2, ksplit=2, depth=2)
+    f = gemm.gemm(fmt, 384, 100, cfg)  # N not a multiple of the tile, K of 12 groups split in 2, 2 steps in flight
+    sink = build.BuiltSources()
+    build.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with build._nvcc_callback("90", sink), target:  # noqa: SLF001
+        tvm.compile(tvm.IRModule({"gemm": f.with_attr("global_symbol", "gemm")}), target=target)
+    (src,) = sink.sources
+    for needle in ("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32", "ldmatrix.sync.aligned.m8n8.x4",
+                   "fma.rn.f16x2", "cvt.rn.f16x2.f32", "atomicAdd", "uint4"):
+        assert needle in src, needle
+    kernels_decl = [line for line in src.splitlines() if "__global__" in line and line.endswith(";")]
+    assert len(kernels_decl) == 2 and not any("cse_v" in line for line in kernels_decl)  # zero-fill + GEMM
+    assert build.compile_cuda_source(src, "90")[:4] == bytes.fromhex("50ed55ba")
+    assert "0 bytes stack frame" in _ptxas_report(src) and "bytes spill" not in _ptxas_report(src).replace(
+        "0 bytes spill", "")
+
+
+def _ptxas_report(src: str) -> str:
+    """ptxas's resource report (-v) for CUDA source ``src`` compiled for sm_90."""
+    import tempfile
+
+    from qcompile.targets.cuda.build import nvcc_path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "k.cu").write_text(src)
+        out = subprocess.run([nvcc_path(), "--cubin", "-O3", "-arch=sm_90", "-Xptxas", "-v", "-o",
+                              str(Path(tmp) / "k.cubin"), str(Path(tmp) / "k.cu")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return out.stderr
+
+
+@needs_nvcc
+def test_gemv_or_gemm_branches_on_m():
+    """One PrimFunc for a quantized matmul: the GEMV for M <= 8, GEMM tiers above; one launch each."""
+    import tvm
+
+    from qcompile.targets.cuda import build, gemm, kernels
+
+    fmt = WeightFormat(5, 64)
+    f = gemm.gemv_or_gemm(kernels.gemv(fmt, 256, 72), fmt, 256, 72)
+    text = f.script()
+    assert "if m <= T.int64(8)" in text
+    for max_m, _ in gemm.gemm_tiers(72, 256)[:-1]:
+        assert f"if m <= T.int64({max_m})" in text
+    sink = build.BuiltSources()
+    build.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with build._nvcc_callback("90", sink), target:  # noqa: SLF001
+        tvm.compile(tvm.IRModule({"qmm": f.with_attr("global_symbol", "qmm")}), target=target)
+    (src,) = sink.sources
+    assert "__shfl_down_sync" in src and src.count("mma.sync.aligned.m16n8k16") >= 1
+    assert sum(line.endswith(";") for line in src.splitlines() if "__global__" in line) >= 1 + len(
+        gemm.gemm_tiers(72, 256))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _has_gpu(), reason="needs an NVIDIA GPU")
+@pytest.mark.parametrize("batch", [9, 32, 100])
+def test_gpu_gemm_batches_match_the_float_build(tmp_path, batch):
+    """M > 8 runs the tensor-core GEMM (fp16 x and weights, fp32 sums): the CUDA build (float
+    activations) matches the x86 float build within FP16_TOLERANCE."""
+    import qcompile.runtime as rt
+    from qcompile.compiler.driver import CompileOptions, compile_model
+    from qcompile.targets.cuda.gemm import FP16_TOLERANCE
+
+    path = save(mlp_model(), tmp_path / "mlp.onnx")
+    cuda = compile_model(path, tmp_path / "c.qcm", CompileOptions(target="cuda", bpw=3.0, int8_dot=False))
+    x86 = compile_model(path, tmp_path / "x.qcm", CompileOptions(target="x86", bpw=3.0, int8_dot=False))
+    x = np.random.default_rng(batch).standard_normal((batch, 256)).astype(np.float32)
+    got = rt.load(cuda.path).run(None, {"x": x})[0]
+    assert _relerr(got, rt.load(x86.path).run(None, {"x": x})[0]) < FP16_TOLERANCE

@@ -49,6 +49,7 @@ L2_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L
 MODELS = ("mlp", "convnet")
 MODEL_BPW = (4.25, 3.0)
 BATCHES = (1, 3, 8)
+FP16_TOLERANCE = 2e-3  # rel err of the fp16 tensor-core GEMM (M > 8) against float (targets/cuda/gemm.py)
 
 
 # ------------------------------------------------------------------------------------------------ build
@@ -98,6 +99,9 @@ def build(out: Path) -> None:
         lib = tvm.compile(mod, target=target)
     lib.export_library(str(out / "kernels.so"))
     log.info("kernels.so: %d functions in %.1f s", len(funcs), time.perf_counter() - t0)
+    from bench.gpu import gemm_sweep  # noqa: PLC0415
+
+    gemm_sweep.build_check(out)  # gemm.so: the quantized matmul as emitted (GEMV, tensor-core GEMM for M > 8)
     _build_models(out)
 
 
@@ -357,6 +361,18 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
         torch.cuda.empty_cache()
 
 
+def _run_gemm(tvm, root: Path, torch, tvm_ffi, timer, results: dict, failures: list) -> None:
+    """``gemm``: the quantized matmul at M = 16, 64, 256 (the tensor-core GEMM, targets/cuda/gemm.py) and
+    torch's fp16 linear, 2/4/8 bits on SHAPES; outputs checked against numpy (bench/gpu/gemm_sweep.py)."""
+    from bench.gpu import gemm_sweep  # noqa: PLC0415
+
+    try:
+        gemm_sweep.run_check(tvm, root, torch, tvm_ffi, timer, results, failures)
+    except Exception as e:  # noqa: BLE001  (the other sections still count)
+        log.exception("gemm")
+        failures.append(f"gemm: {type(e).__name__}: {e}")
+
+
 def _run_models(root: Path, results: dict, failures: list) -> None:
     import qcompile.runtime as rt  # noqa: PLC0415
 
@@ -374,7 +390,8 @@ def _run_models(root: Path, results: dict, failures: list) -> None:
                                           "rel_err_vs_ort_decoded": e_ort})
                 log.info("model %-8s %.2f bpw batch %d: rel err vs x86 %.2g, vs ORT(decoded) %.2g", name, bpw, b,
                          e_x86, e_ort)
-                if not (e_x86 < 1e-4 and e_ort < 1e-4):
+                tol = 1e-4 if name == "mlp" else FP16_TOLERANCE  # convnet: M = batch * 324 rows, the fp16 GEMM
+                if not (e_x86 < tol and e_ort < tol):
                     failures.append(f"model {tag} batch {b}: rel err vs x86 {e_x86:.3g}, vs ORT {e_ort:.3g}")
 
 
@@ -479,6 +496,7 @@ def run(root: Path, json_paths: list[Path]) -> int:
     lib = tvm.runtime.load_module(str(root / "kernels.so"))
     timer = _Timer(torch, tvm_ffi)
     _run_gemv(lib, torch, tvm_ffi, timer, results, failures)
+    _run_gemm(tvm, root, torch, tvm_ffi, timer, results, failures)
     results["notes"].append("timings: " + ("eager launches (CUDA graph capture failed)" if timer.eager else
                                            "CUDA graph replays of launches over L2-exceeding weight copies"))
     results["failures"] = failures
@@ -509,6 +527,8 @@ def _summary(results: dict) -> None:
         for (t, b), r in sorted(d.items(), key=lambda kv: (kv[0][1], kv[0][0])):
             line.append(f"{t}:{b} {r['us']:.1f}us {r['GBps']:.0f}")
         print("  ".join(line))
+    for r in results["gemm"]:
+        print(f"gemm {r['target']}:{r['bits']} M={r['M']} {r['N']}x{r['K']}: {r['us']:.1f}us {r['TFLOPs']:.1f} TFLOP/s")
     for m in results["models"]:
         x86 = f"vs x86 {m['rel_err_vs_x86']:.2g} " if "rel_err_vs_x86" in m else ""
         print(f"model {m['model']} {m['bpw']} b{m['batch']}: {x86}vs ORT {m['rel_err_vs_ort_decoded']:.2g}")

@@ -2,7 +2,9 @@
 
 The converters are the x86 target's (:mod:`qcompile.targets.x86.lower`): standard ops through TVM's
 ``from_onnx`` (dlight schedules them at build), ``qcompile::QMatMul`` / ``QConv`` as ``call_tir`` of
-:func:`.kernels.gemv` (hand-scheduled; batch 1-8 at full speed, correct for any M) or, with
+:func:`.kernels.gemv` (hand-scheduled; batch 1-8 at full speed); for M > 8 the same call runs the
+tensor-core dequant-GEMM of :mod:`.gemm` (fp16 x and weights, fp32 sums; one PrimFunc that branches on M
+at run time, :func:`.gemm.gemv_or_gemm`) or, with
 ``scheduled=False``, of the unscheduled :func:`.kernels.dequant_matmul` that dlight schedules (any GPU
 target: the WebGPU target lowers through the same definition).  Packed weights keep the canonical
 packing of :mod:`qcompile.passes.formats`; they and the large float initializers become parameters of
@@ -22,7 +24,7 @@ from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
 from ..x86 import lower as x86_lower
-from . import kernels
+from . import gemm, kernels
 
 __all__ = ["lower_to_relax", "GpuEmitter"]
 
@@ -50,7 +52,8 @@ class GpuEmitter:
         from tvm import relax  # noqa: PLC0415
 
         if self.scheduled:
-            kind, gv = "gemv", self.kernel(bb, ("gemv", fmt.name, k, n), lambda: kernels.gemv(fmt, k, n))
+            kind, gv = "gemv", self.kernel(bb, ("gemv", fmt.name, k, n),
+                                           lambda: gemm.gemv_or_gemm(kernels.gemv(fmt, k, n), fmt, k, n))
         else:
             kind = "dequant_matmul"
             gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
