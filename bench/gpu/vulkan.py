@@ -13,7 +13,9 @@ GEMV kernels (``kind``), each a one-call plan ``y[1, N] = x[1, K] @ dequantize(W
 - ``dlight_symbolic_m``: the same definition with a symbolic M (what a KV-cache model's decode step ran
   before :func:`qcompile.targets.vulkan.kernels.gemv`: dlight's matmul schedule), 4-bit only;
 - ``vulkan``: :func:`qcompile.targets.vulkan.kernels.gemv` with its default launch shape (the decode
-  plans use it), and ``r{rows}t{threads}[s]`` variants of it at 2 and 4 bits (s: x staged in workgroup memory).
+  plans use it), and with ``build --variants`` ``r{rows}t{threads}[s]`` variants of it at 2 and 4 bits
+  (s: x staged in workgroup memory; bench/gpu/NOTES.md has their timings);
+- a 4 KB GEMV (:data:`FLOOR`): what one dispatch costs.
 
 The weights are generated on the GPU machine (random, seeded per name: ``bench.gpu.decode.random_params``),
 since 18 shapes x widths of weights do not travel; every kernel of one width and shape gets the same
@@ -134,7 +136,8 @@ def _params_digest(specs_json: str) -> str:
     return hashlib.sha256(save(random_params(json.loads(specs_json)))).hexdigest()
 
 
-def build(out: Path) -> None:
+def build(out: Path, variants: bool = False) -> None:
+    """GEMV plans (``variants``: also the launch-shape variants, for tuning) and the test models."""
     from qcompile.targets.vulkan.kernels import GemvConfig  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
@@ -145,7 +148,7 @@ def build(out: Path) -> None:
             build_gemv(out, "vulkan", bits, n, k)
             if bits == 4:
                 build_gemv(out, "dlight_symbolic_m", bits, n, k)
-            if bits in VARIANT_BITS:
+            if variants and bits in VARIANT_BITS:
                 for rows, threads, smem_x in VARIANTS:
                     build_gemv(out, f"r{rows}t{threads}" + ("s" if smem_x else ""), bits, n, k,
                                GemvConfig(rows, threads, smem_x))
@@ -306,9 +309,10 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("step", choices=("build",))
     ap.add_argument("--dir", type=Path, default=Path(".gpu/vulkan"))
+    ap.add_argument("--variants", action="store_true", help="also the GEMV launch-shape variants (tuning)")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    build(args.dir)  # run: python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
+    build(args.dir, args.variants)  # run: python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
     return 0
 
 
