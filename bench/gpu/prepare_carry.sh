@@ -7,9 +7,10 @@
 #   .gpu/decode     SmolLM2 (CUDA, Vulkan) and 1.1B Llama (CUDA) artifacts without their params
 #                   (python -m bench.gpu.decode build; the params are generated there)
 #   .gpu/vulkan     Vulkan GEMV plans and test models (python -m bench.gpu.vulkan build)
-# then run there (device tool, carry [".gpu"]):
+# then run there (device tool, carry [".gpu/site", ".gpu/whl", ".gpu/gl", ".gpu/build", ".gpu/decode", ".gpu/vulkan"]:
+# ~48 MB; the whole .gpu may pass the 64 MiB that travels once other folders are in it; ~160 s for decode + Vulkan):
 #   for f in .gpu/gl/*.deb; do dpkg -x $f /; done; ldconfig;
-#   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json;
+#   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp;
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl &&
 #   mkdir -p /tmp/q/qcompile && for d in runtime passes targets compiler; do ln -s $PWD/$d /tmp/q/qcompile/$d; done &&
 #   PYTHONPATH=/tmp/site:$PWD/.gpu/site:/tmp/q:$PWD TVM_USE_RUNTIME_LIB=1 python3 -m bench.gpu.gpu_check run \
