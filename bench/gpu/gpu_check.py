@@ -44,11 +44,12 @@ SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K)
 ODD = ((100, 96, 32, 3), (24, 352, 32, 5))  # (N, K, group, M): guards, a chunk spanning two groups, M > 1
 VARIANTS = ((8, 4, 1, False, False), (8, 4, 1, False, True), (4, 4, 1, False, False), (8, 4, 2, True, False),
             (8, 8, 2, True, False), (16, 4, 1, False, False))  # GemvConfig(rows, ksplit, groups, smem), timed at
-VARIANT_BITS = (2, 4)  # these widths (the default config is chosen from these timings)
+VARIANT_BITS = (8,)  # these widths (float-activation GEMV: 8 bits; 2-6 bits are tuned by bench/gpu/gemv_sweep.py)
 L2_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
 MODEL_BPW = (4.25, 3.0)
 BATCHES = (1, 3, 8)
+INT8_VS_FLOAT = 3e-2  # rel err (norm) of int8-activation outputs against float activations (models)
 FP16_TOLERANCE = 2e-3  # rel err of the fp16 tensor-core GEMM (M > 8) against float (targets/cuda/gemm.py)
 
 
@@ -71,18 +72,23 @@ def build(out: Path) -> None:
 
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
     from qcompile.targets.cuda import build as cuda_build  # noqa: PLC0415
-    from qcompile.targets.cuda import kernels  # noqa: PLC0415
+    from qcompile.targets.cuda import kernels, kernels_int8  # noqa: PLC0415
+    from qcompile.targets.cuda.lower import gemv_kernel  # noqa: PLC0415
 
     out.mkdir(parents=True, exist_ok=True)
-    funcs = {}
+    funcs, kinds = {}, {}  # kinds: kernel name -> "gemv_int8" (int8 activations) or "gemv"
     for bits in BITS:
         fmt = WeightFormat(bits, GROUP)
         for n, k in SHAPES:
-            funcs[_kernel_name("cuda", bits, n, k)] = kernels.gemv(fmt, k, n)
+            # the kernel a model gets (lower.py's choice): int8 activations at 2-6 bits, float at 8
+            kinds[_kernel_name("cuda", bits, n, k)], funcs[_kernel_name("cuda", bits, n, k)] = gemv_kernel(fmt, k, n)
             # dlight's GEMV rule wants a static M = 1
             funcs[_kernel_name("dlight", bits, n, k)] = kernels.dequant_matmul(fmt, k, n, rows=1)
         for n, k, g, _ in ODD:
-            funcs[_kernel_name("cuda", bits, n, k, g)] = kernels.gemv(WeightFormat(bits, g), k, n)
+            kinds[_kernel_name("cuda", bits, n, k, g)], funcs[_kernel_name("cuda", bits, n, k, g)] = gemv_kernel(
+                WeightFormat(bits, g), k, n)
+            funcs[_kernel_name("cuda_i8", bits, n, k, g)] = kernels_int8.gemv_int8(WeightFormat(bits, g), k, n)
+            kinds[_kernel_name("cuda_i8", bits, n, k, g)] = "gemv_int8"
         if bits in VARIANT_BITS:
             for v in VARIANTS:
                 for n, k in SHAPES:
@@ -98,6 +104,7 @@ def build(out: Path) -> None:
     with cuda_build._nvcc_callback("90", sink), target:  # noqa: SLF001
         lib = tvm.compile(mod, target=target)
     lib.export_library(str(out / "kernels.so"))
+    (out / "gemv_kinds.json").write_text(json.dumps(kinds))
     log.info("kernels.so: %d functions in %.1f s", len(funcs), time.perf_counter() - t0)
     from bench.gpu import gemm_sweep  # noqa: PLC0415
 
@@ -144,6 +151,9 @@ def _build_models(out: Path) -> None:
             cuda = compile_model(path, out / f"{tag}.cuda.qcm", CompileOptions(target="cuda", bpw=bpw))
             x86 = compile_model(path, out / f"{tag}.x86.qcm", CompileOptions(target="x86", bpw=bpw, int8_dot=False))
             x86_sess = rt.load(x86.path)
+            # the x86 int8 build quantizes activations where the CUDA build does (lower.uses_int8)
+            x86i8 = compile_model(path, out / f"{tag}.x86i8.qcm", CompileOptions(target="x86", bpw=bpw))
+            x86i8_sess = rt.load(x86i8.path)
             decoded = _decoded(cuda.path)
             fake = type(model).FromString(model.SerializeToString())
             layouts = {t["name"]: (t["onnx_layout"], t["onnx_shape"]) for t in cuda.manifest["tensors"]}
@@ -158,6 +168,7 @@ def _build_models(out: Path) -> None:
                 x = np.random.default_rng(b).standard_normal((b, *shape)).astype(np.float32)
                 refs[f"{tag}/b{b}/x"] = x
                 refs[f"{tag}/b{b}/x86"] = x86_sess.run(None, {"x": x})[0]
+                refs[f"{tag}/b{b}/x86i8"] = x86i8_sess.run(None, {"x": x})[0]
                 refs[f"{tag}/b{b}/ort"] = sess.run(None, {"x": x})[0]
             log.info("%s: cuda %s, formats %s", tag, cuda.manifest["kernels"]["quantized_matmuls"],
                      sorted({t["format"] for t in cuda.manifest["tensors"]}))
@@ -187,6 +198,24 @@ def _build_dlight_mlp(out: Path) -> None:
 
 def _rel(a, b) -> float:
     return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def int8_reference(x: np.ndarray, codes: np.ndarray, s: np.ndarray, z: np.ndarray, g: int) -> np.ndarray:
+    """numpy (no TVM) of the int8-activation GEMV: x86's ``quantize_activations`` + ``reference_int8_matmul``
+    (activations per block of 32: scale max|x|/127, round half to even), float64 sums."""
+    x = x.astype(np.float32)
+    m, k = x.shape
+    xb = x.reshape(m, k // 32, 32)
+    amax = np.abs(xb).max(axis=-1)
+    sx = (amax / np.float32(127)).astype(np.float32)
+    inv = np.where(amax > 0, np.float32(127) / np.where(amax > 0, amax, 1), 0).astype(np.float32)
+    xq = np.round(xb * inv[..., None]).astype(np.float64)  # [m, kb, 32]
+    n = codes.shape[0]
+    cb = codes.reshape(n, k // 32, 32).astype(np.float64)
+    dots = np.matmul(cb.transpose(1, 0, 2), xq.transpose(1, 2, 0)).transpose(2, 1, 0)  # [m, n, kb], exact integers
+    gb = np.arange(k // 32) * 32 // g
+    s64, z64 = s.astype(np.float64)[:, gb], z.astype(np.float64)[:, gb]
+    return (dots * sx[:, None, :] * s64[None]).sum(-1) + (xq.sum(-1) * sx) @ z64.T
 
 
 def _gemv_bytes(bits: int, n: int, k: int, g: int, m: int = 1) -> int:
@@ -279,11 +308,19 @@ def _reference(fmt, planes, s, z, x) -> np.ndarray:
     return x.astype(np.float64) @ w.reshape(n, k).astype(np.float64).T
 
 
-def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None:
+def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list, kinds: dict | None = None) -> None:
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
 
     rng = np.random.default_rng(0)
     dev = torch.device("cuda")
+    kinds = kinds or {}
+
+    def ref_for(fname, fmt, planes, s, z, x):
+        """int8 kernels against the int8 reference (same activation quantization), the others float64."""
+        if kinds.get(fname) == "gemv_int8":
+            n, k = planes[0].shape[0], x.shape[1]
+            return int8_reference(x, fmt.unpack(planes, (n, k)), s, z, fmt.group_size)
+        return _reference(fmt, planes, s, z, x)
 
     def call(fname, x_t, planes_t, s_t, z_t, y_t):
         f = lib[fname]
@@ -297,16 +334,20 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
             fmt = WeightFormat(bits, g)
             planes, s, z = _random_weight(rng, fmt, n, k)
             x = rng.standard_normal((m, k)).astype(np.float32)
-            ref = _reference(fmt, planes, s, z, x)
-            y_t = torch.full((m, n), float("nan"), device=dev)
-            call(_kernel_name("cuda", bits, n, k, g), torch.from_numpy(x).to(dev),
-                 [torch.from_numpy(p).to(dev) for p in planes],
-                 torch.from_numpy(s).to(dev), torch.from_numpy(z).to(dev), y_t)()
-            torch.cuda.synchronize()
-            err = _rel(y_t.cpu().numpy(), ref)
-            results["checks"].append({"kernel": "cuda", "bits": bits, "N": n, "K": k, "group": g, "M": m, "rel_err": err})
-            if not err < 1e-5:
-                failures.append(f"gemv cuda b{bits} {n}x{k} g{g} M={m}: rel err {err:.3g}")
+            for kind in ("cuda", "cuda_i8"):
+                fname = _kernel_name(kind, bits, n, k, g)
+                if fname not in kinds and kind == "cuda_i8":
+                    continue  # a build from before the int8 GEMV
+                ref = ref_for(fname, fmt, planes, s, z, x)
+                y_t = torch.full((m, n), float("nan"), device=dev)
+                call(fname, torch.from_numpy(x).to(dev), [torch.from_numpy(p).to(dev) for p in planes],
+                     torch.from_numpy(s).to(dev), torch.from_numpy(z).to(dev), y_t)()
+                torch.cuda.synchronize()
+                err = _rel(y_t.cpu().numpy(), ref)
+                results["checks"].append({"kernel": kind, "kind": kinds.get(fname, "gemv"), "bits": bits, "N": n, "K": k,
+                                          "group": g, "M": m, "rel_err": err})
+                if not err < 1e-5:
+                    failures.append(f"gemv {kind} b{bits} {n}x{k} g{g} M={m}: rel err {err:.3g}")
 
     for bits in BITS:
         fmt = WeightFormat(bits, GROUP)
@@ -315,7 +356,6 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
             copies = max(2, math.ceil(L2_BYTES / nbytes))
             planes, s, z = _random_weight(rng, fmt, n, k)
             x = rng.standard_normal((1, k)).astype(np.float32)
-            ref = _reference(fmt, planes, s, z, x)
             # copy 0 is the checked one; the others are clones (same bytes at other addresses)
             x_t = torch.from_numpy(x).to(dev)
             dev_planes = [torch.from_numpy(p).to(dev) for p in planes]
@@ -327,6 +367,7 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
             for kind in kinds:
                 fname = _kernel_name(kind, bits, n, k)
                 launches = [call(fname, x_t, p, s_c, z_c, ys[c]) for c, (p, s_c, z_c) in enumerate(sets)]
+                ref = ref_for(fname, fmt, planes, s, z, x)
                 ys[0].fill_(float("nan"))
                 torch.cuda.synchronize()
                 launches[0]()
@@ -337,7 +378,7 @@ def _run_gemv(lib, torch, tvm_ffi, timer, results: dict, failures: list) -> None
                 if not err < 1e-5:
                     failures.append(f"gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
                 us = timer.time(lambda c: launches[c](), copies)  # noqa: B023
-                row = {"bits": bits, "N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3}
+                row = {"bits": bits, "N": n, "K": k, "us": us, "GBps": nbytes / us / 1e3, "kernel": kinds.get(fname, kind)}
                 if kind in ("cuda", "dlight"):
                     results["gemv"].append({"target": "cuda" if kind == "cuda" else "cuda_dlight", **row})
                 else:
@@ -384,15 +425,21 @@ def _run_models(root: Path, results: dict, failures: list) -> None:
             for b in BATCHES:
                 x = refs[f"{tag}/b{b}/x"]
                 y = sess.run(None, {"x": x})[0]
-                e_x86 = _rel(y, refs[f"{tag}/b{b}/x86"].astype(np.float64))
+                # int8 activations (2-6-bit layers): the x86 int8 build is the reference; ORT and the x86
+                # float build (float activations) differ by the activations' rounding
+                e_x86 = _rel(y, refs[f"{tag}/b{b}/x86i8"].astype(np.float64))
+                e_x86f = _rel(y, refs[f"{tag}/b{b}/x86"].astype(np.float64))
                 e_ort = _rel(y, refs[f"{tag}/b{b}/ort"].astype(np.float64))
                 results["models"].append({"model": name, "bpw": bpw, "batch": b, "rel_err_vs_x86": e_x86,
-                                          "rel_err_vs_ort_decoded": e_ort})
-                log.info("model %-8s %.2f bpw batch %d: rel err vs x86 %.2g, vs ORT(decoded) %.2g", name, bpw, b,
-                         e_x86, e_ort)
-                tol = 1e-4 if name == "mlp" else FP16_TOLERANCE  # convnet: M = batch * 324 rows, the fp16 GEMM
-                if not (e_x86 < tol and e_ort < tol):
-                    failures.append(f"model {tag} batch {b}: rel err vs x86 {e_x86:.3g}, vs ORT {e_ort:.3g}")
+                                          "rel_err_vs_x86_float": e_x86f, "rel_err_vs_ort_decoded": e_ort})
+                log.info("model %-8s %.2f bpw batch %d: rel err vs x86 int8 %.2g, vs x86 float %.2g, vs ORT(decoded) "
+                         "%.2g", name, bpw, b, e_x86, e_x86f, e_ort)
+                if name != "mlp":  # convnet: M = batch * 18 * 18 > 8 rows, the fp16 tensor-core GEMM (no int8)
+                    if not (e_x86f < FP16_TOLERANCE and e_ort < FP16_TOLERANCE):
+                        failures.append(f"model {tag} batch {b} (GEMM): rel err vs x86 float {e_x86f:.3g}, "
+                                        f"vs ORT {e_ort:.3g}")
+                elif not (e_x86 < 1e-4 and e_ort < INT8_VS_FLOAT):
+                    failures.append(f"model {tag} batch {b}: rel err vs x86 int8 {e_x86:.3g}, vs ORT {e_ort:.3g}")
 
 
 DECODE_PROMPT = 64
@@ -495,7 +542,9 @@ def run(root: Path, json_paths: list[Path]) -> int:
         failures.append(f"decode: {type(e).__name__}: {e}")
     lib = tvm.runtime.load_module(str(root / "kernels.so"))
     timer = _Timer(torch, tvm_ffi)
-    _run_gemv(lib, torch, tvm_ffi, timer, results, failures)
+    kinds_path = root / "gemv_kinds.json"
+    _run_gemv(lib, torch, tvm_ffi, timer, results, failures,
+              json.loads(kinds_path.read_text()) if kinds_path.is_file() else None)
     _run_gemm(tvm, root, torch, tvm_ffi, timer, results, failures)
     results["notes"].append("timings: " + ("eager launches (CUDA graph capture failed)" if timer.eager else
                                            "CUDA graph replays of launches over L2-exceeding weight copies"))

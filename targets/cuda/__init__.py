@@ -1,5 +1,6 @@
 """The CUDA target: NVIDIA GPUs, compiled ahead of time (nvcc on the build machine, SASS + PTX embedded in
-``module.so``); our dequantizing GEMV kernels for the quantized matmuls, dlight schedules for the rest.
+``module.so``); our dequantizing GEMV kernels for the quantized matmuls (int8 activations and ``dp4a``
+where the x86 int8 build quantizes activations too), dlight schedules for the rest.
 
 ``--target cuda`` is ``cuda:sm_90`` (H100); ``cuda:sm_80`` (A100), ``cuda:sm_89`` (L4, RTX 40xx),
 ``cuda:sm_90`` or a TVM target JSON ``{"kind": "cuda", "arch": "sm_XX", ...}``.
@@ -39,7 +40,7 @@ def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
 
 
 def make_backend(spec: TargetSpec, options) -> "CudaTarget":
-    return CudaTarget(spec)
+    return CudaTarget(spec, int8_dot=options.int8_dot)
 
 
 class CudaTarget:
@@ -51,21 +52,22 @@ class CudaTarget:
     attention_fusion = False
     tunable = False
 
-    def __init__(self, spec: TargetSpec):
+    def __init__(self, spec: TargetSpec, int8_dot: bool = True):
         from .build import BuiltSources  # noqa: PLC0415
 
         self.spec = spec
+        self.int8_dot = int8_dot  # int8 activations (dp4a) where the x86 int8 build has them
         self.built = BuiltSources()  # the CUDA C++ compiled by the last build (tests, reports)
 
     def lower(self, model):
         """Quantized ONNX ModelProto -> :class:`~qcompile.targets.x86.lower.LoweredModel`."""
         from .lower import lower_to_relax  # noqa: PLC0415
 
-        return lower_to_relax(model)
+        return lower_to_relax(model, int8_dot=self.int8_dot)
 
     def manifest_kernels(self, lowered) -> dict:
         """What the manifest says about the kernels (``manifest["kernels"]``)."""
-        return {"quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts,
+        return {"int8_dot": self.int8_dot, "quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts,
                 "device_code": "fatbin (nvcc, SASS sm_{0} + PTX compute_{0})".format(self.spec.tvm["arch"][3:])}
 
     def build(self, mod, out_path: str) -> None:

@@ -120,6 +120,8 @@ def gemv_config(n: int, k: int, planes: tuple[int, ...] = (4,)) -> GemvConfig:
         return GemvConfig(rows=8, ksplit=8, groups=2, smem=True)
     if n >= 8192 and smem_ok:
         return GemvConfig(rows=8, ksplit=4, groups=2, smem=True)
+    if planes == (8,) and n >= 1024 and k >= n:  # bench/results/gpu_gemv_sweep.json: 4096x14336 25.8 us vs 27.5
+        return GemvConfig(rows=4, ksplit=4)
     return GemvConfig(rows=8 if n >= 4096 else 4 if n >= 1024 else 2 if n >= 256 else 1, ksplit=4)
 
 

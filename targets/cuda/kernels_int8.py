@@ -158,7 +158,14 @@ class Int8GemvConfig:
 
 # The measured winner per (bits, shape class) on an H100 (bench/gpu/gemv_sweep.py, bench/results/
 # gpu_gemv_sweep.json: its "pick" table, pasted here).  Missing entries take Int8GemvConfig().
-TUNED: dict[str, str] = {}
+TUNED: dict[str, str] = {
+    "2/square": "r8w4k2c64u1", "3/square": "r4w8k2c64u1s", "4/square": "r4w8k2c32u1s", "5/square": "r8w1k4c32u1",
+    "6/square": "r8w1k4c32u1", "8/square": "r8w1k4c32u1",
+    "2/wide_k": "r4w8k2c64u1s", "3/wide_k": "r4w8k2c64u1s", "4/wide_k": "r8w1k4c32u1", "5/wide_k": "r8w1k4c32u1",
+    "6/wide_k": "r8w1k4c32u1", "8/wide_k": "r8w2k4c32u1",
+    "2/tall_n": "r8w4k1c64u1s", "3/tall_n": "r8w4k1c64u1s", "4/tall_n": "r4w4k2c32u1s", "5/tall_n": "r8w4k1c32u1s",
+    "6/tall_n": "r8w4k2c32u1s", "8/tall_n": "r4w4k2c32u1s",
+}
 
 
 def shape_class(n: int, k: int) -> str:
@@ -175,7 +182,7 @@ def int8_config(n: int, k: int, bits: int) -> Int8GemvConfig:
     fewer rows a block when N is smaller than a block's rows."""
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
 
-    name = TUNED.get(f"{bits}/{shape_class(n, k)}")
+    name = TUNED.get(f"{bits}/{shape_class(n, k)}") or TUNED.get(f"{bits}/square")  # small N: square's, shrunk
     # untuned: 16-byte loads of the first plane (64 codes of a 2-bit plane, 32 of a 4-bit one)
     cfg = Int8GemvConfig.parse(name) if name else Int8GemvConfig(chunk=max(BLOCK, 128 // WeightFormat(bits, 32).planes[0]))
     while cfg.rows * cfg.wrows > max(n, 1) and (cfg.rows > 1 or cfg.wrows > 1):

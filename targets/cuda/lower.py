@@ -2,9 +2,11 @@
 
 The converters are the x86 target's (:mod:`qcompile.targets.x86.lower`): standard ops through TVM's
 ``from_onnx`` (dlight schedules them at build), ``qcompile::QMatMul`` / ``QConv`` as ``call_tir`` of
-:func:`.kernels.gemv` (hand-scheduled; batch 1-8 at full speed); for M > 8 the same call runs the
-tensor-core dequant-GEMM of :mod:`.gemm` (fp16 x and weights, fp32 sums; one PrimFunc that branches on M
-at run time, :func:`.gemm.gemv_or_gemm`) or, with
+:func:`.kernels_int8.gemv_int8` (int8 activations, ``dp4a``) wherever the x86 int8 build quantizes
+activations too (``int8_dot``, :func:`qcompile.targets.x86.kernels_int8.supports`: 2-6 bits, N a multiple
+of 8), else of :func:`.kernels.gemv` (float activations); both hand-scheduled, batch 1-8 at full speed;
+for M > 8 the same call runs the tensor-core dequant-GEMM of :mod:`.gemm` (fp16 x and weights, fp32
+sums; one PrimFunc that branches on M at run time, :func:`.gemm.gemv_or_gemm`).  With
 ``scheduled=False``, of the unscheduled :func:`.kernels.dequant_matmul` that dlight schedules (any GPU
 target: the WebGPU target lowers through the same definition).  Packed weights keep the canonical
 packing of :mod:`qcompile.passes.formats`; they and the large float initializers become parameters of
@@ -23,26 +25,42 @@ from onnx import numpy_helper
 from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
+from ..x86 import kernels_int8 as x86_int8
 from ..x86 import lower as x86_lower
-from . import gemm, kernels
+from . import gemm, kernels, kernels_int8
 
-__all__ = ["lower_to_relax", "GpuEmitter"]
+__all__ = ["lower_to_relax", "GpuEmitter", "gemv_kernel", "uses_int8"]
 
 log = logging.getLogger(__name__)
+
+
+def uses_int8(fmt: WeightFormat, k: int, n: int, int8_dot: bool = True) -> bool:
+    """Whether a quantized matmul runs on the int8-activation GEMV: exactly where the x86 int8 build
+    quantizes activations too (:func:`qcompile.targets.x86.kernels_int8.supports`), so the builds match."""
+    return int8_dot and x86_int8.supports(fmt.bits, k, n, fmt.group_size)
+
+
+def gemv_kernel(fmt: WeightFormat, k: int, n: int, int8_dot: bool = True) -> tuple[str, object]:
+    """(kind, TIR) of the scheduled GEMV of a quantized matmul: ``gemv_int8`` (:func:`uses_int8`) or
+    ``gemv`` (float activations)."""
+    if uses_int8(fmt, k, n, int8_dot):
+        return "gemv_int8", kernels_int8.gemv_int8(fmt, k, n)
+    return "gemv", kernels.gemv(fmt, k, n)
 
 
 class GpuEmitter:
     """Kernel emitter for the x86 converters with GPU kernels (canonical packing, no retiling)."""
 
-    def __init__(self, scheduled: bool = True):
+    def __init__(self, scheduled: bool = True, int8_dot: bool = True):
         self.scheduled = scheduled
+        self.int8_dot = int8_dot
         self.cache: dict[tuple, object] = {}
         self.counts: dict[str, int] = {}
 
     def kernel(self, bb, key: tuple, make):
         if key[0] == "im2col":  # the x86 im2col carries a CPU schedule: dlight schedules this one
             make = lambda: kernels.im2col(*key[1:4], key[4:6], key[6:8], key[8:12], key[12:14])  # noqa: E731
-        elif key[0] not in ("qmatmul", "gemv"):
+        elif key[0] not in ("qmatmul", "gemv", "gemv_i8"):
             raise NotImplementedError(f"the CUDA target has no kernel for {key[0]} (compile with --no-fuse)")
         if key not in self.cache:
             self.cache[key] = bb.add_func(make(), "_".join(str(p) for p in key))
@@ -52,8 +70,9 @@ class GpuEmitter:
         from tvm import relax  # noqa: PLC0415
 
         if self.scheduled:
-            kind, gv = "gemv", self.kernel(bb, ("gemv", fmt.name, k, n),
-                                           lambda: gemm.gemv_or_gemm(kernels.gemv(fmt, k, n), fmt, k, n))
+            kind = "gemv_int8" if uses_int8(fmt, k, n, self.int8_dot) else "gemv"
+            key = ("gemv_i8" if kind == "gemv_int8" else "gemv", fmt.name, k, n)
+            gv = self.kernel(bb, key, lambda: gemm.gemv_or_gemm(gemv_kernel(fmt, k, n, self.int8_dot)[1], fmt, k, n))
         else:
             kind = "dequant_matmul"
             gv = self.kernel(bb, ("qmatmul", fmt.name, k, n), lambda: kernels.dequant_matmul(fmt, k, n))
@@ -85,14 +104,15 @@ def _split_params(model: onnx.ModelProto):
     return model, names, params, packed
 
 
-def lower_to_relax(model: onnx.ModelProto, scheduled: bool = True) -> x86_lower.LoweredModel:
-    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., (params...))."""
+def lower_to_relax(model: onnx.ModelProto, scheduled: bool = True, int8_dot: bool = True) -> x86_lower.LoweredModel:
+    """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., (params...)); ``int8_dot=False``
+    keeps every quantized matmul on float activations."""
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
     num_inputs = len(model.graph.input)
     split, names, params, packed = _split_params(model)
-    emitter = GpuEmitter(scheduled)
+    emitter = GpuEmitter(scheduled, int8_dot)
     with x86_lower._our_converters(emitter), warnings.catch_warnings():  # noqa: SLF001
         warnings.simplefilter("ignore")  # our custom-domain nodes make onnx.checker complain
         mod = from_onnx(split, keep_params_in_input=False)
