@@ -149,6 +149,7 @@ def build(out: Path, skip_1b: bool = False, work: Path = Path("/tmp/qcompile-dec
             compile_model(gguf, full, CompileOptions(target=target, bpw=BPW))
         strip_artifact(full, out / full.name)
     build_reference(gguf, work / f"smollm2_{BPW}.cuda.qcm", out / "smollm2_reference.npz")
+    build_float_activations(out, work, models, "smollm2", gguf)
     if not skip_1b:
         full = work / f"llama1b_{BPW}.cuda.qcm"
         if not (full / "manifest.json").is_file():
