@@ -209,9 +209,10 @@ def tune_kernels(quant_kernels: dict, tvm_target: dict, db_root: str | Path, tri
     model) that ``db_root`` has no record of for ``tvm_target``, record the best; kernels already recorded
     are reported from their records."""
     records = load_records(db_root, tvm_target)
-    runner = runner or local_runner()
     out = []
     todo = [k for name, k in quant_kernels.items() if name not in records]
+    if todo:  # a local runner starts worker processes (seconds, more on a loaded machine): only when needed
+        runner = runner or local_runner()
     log.info("kernel knobs: %d kernels to measure (%d already in %s), up to %d settings each",
              len(todo), len(quant_kernels) - len(todo), records_path(db_root, tvm_target), trials)
     for name, kernel in quant_kernels.items():
