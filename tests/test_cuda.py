@@ -7,6 +7,7 @@ The GPU machine of this project has no TVM compiler: there, bench/gpu/gpu_check.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -93,17 +94,19 @@ def test_gemv_config_and_chunks():
 @needs_nvcc
 @pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("xsmem", [False, True])
-def test_gemv_int8_cuda_source_and_fatbin(bits, xsmem):
+@pytest.mark.parametrize("prefetch", [False, True])
+def test_gemv_int8_cuda_source_and_fatbin(bits, xsmem, prefetch):
     """Each width's int8-activation GEMV compiles ahead of time: dp4a, byte permutes for the arranged
     activations, rotate+mask lanes, 16-byte weight loads (where the chunk holds 4 words), warp shuffles;
-    with xsmem one barrier after x is staged in shared memory."""
+    with xsmem one barrier after x is staged in shared memory; with and without the next step's loads
+    issued before this step's math (prefetch)."""
     import tvm
 
     from qcompile.targets.cuda import build, kernels_int8
 
     fmt = WeightFormat(bits, 32)
     # N not a multiple of the rows, K of 11 blocks (chunks halved to 32 codes), 2 warps on K: the guards
-    cfg = kernels_int8.Int8GemvConfig(rows=8, wrows=2, ksplit=2, chunk=64, xsmem=xsmem)
+    cfg = kernels_int8.Int8GemvConfig(rows=8, wrows=2, ksplit=2, chunk=64, xsmem=xsmem, prefetch=prefetch)
     f = kernels_int8.gemv_int8(fmt, 352, 100, cfg)
     sink = build.BuiltSources()
     build.ensure_cuda_codegen()
@@ -168,6 +171,8 @@ def test_gemv_int8_config():
 
     cfg = kernels_int8.Int8GemvConfig(rows=16, wrows=2, ksplit=4, chunk=64, unroll=2)
     assert kernels_int8.Int8GemvConfig.parse(cfg.name) == cfg
+    for c in (dataclasses.replace(cfg, prefetch=True), dataclasses.replace(cfg, xsmem=True, prefetch=True)):
+        assert kernels_int8.Int8GemvConfig.parse(c.name) == c
     with pytest.raises(ValueError, match="Int8GemvConfig"):
         kernels_int8.Int8GemvConfig.parse("rows8")
     assert {kernels_int8.shape_class(n, k) for n, k in ((4096, 4096), (4096, 14336), (14336, 4096), (96, 4096))} \

@@ -54,6 +54,14 @@ ROUND2 = ("r8w1k8c0u1", "r4w1k8c0u1", "r8w2k8c0u1", "r8w1k16c0u1", "r16w1k8c0u1"
 ROUND2_BITS = (2, 3, 4, 5, 6)
 F32_ROUND2 = ((4, 4, 1, False, False), (4, 8, 1, False, False), (2, 8, 1, False, False), (8, 4, 1, False, False))
 ODD_ROUND2 = ("r8w1k16c0u1", "r4w2k8c0u1s")
+# round 3 (bench/gpu/NOTES.md, bench/results/gpu_gemv_sweep_round3.json): ``p``, the next step's loads
+# (with their scales and zero points) issued before this step's math (two register buffers); built with
+# each shape class's TUNED config (and, --baseline, that config compiled from an earlier kernels_int8.py).
+# The measured run also had ``lD`` variants (the block's weights bulk-prefetched into L2 D steps ahead:
+# slower everywhere, removed).
+ROUND3 = ("r4w8k1c0u1sp", "r4w4k2c0u2sp", "r4w8k2c0u1sp", "r4w4k2c0u1sp", "r8w4k2c0u1sp", "r8w4k1c0u1sp",
+          "r8w2k2c0u1sp", "r8w1k4c0u1p")
+ODD_ROUND3 = ("r4w2k4c0u2p", "r8w4k2c0u1sp", "r4w8k1c0u1sp", "r8w2k2c0u1")
 CLASSES = {(4096, 4096): "square", (4096, 14336): "wide_k", (14336, 4096): "tall_n"}
 BATCH = 8
 SWEEP_BITS = (4, 2, 3, 5, 6, 8)  # the 4-bit goal first: a run cut off at its time limit has it
@@ -113,7 +121,19 @@ def _sass_only():
     return ctx()
 
 
-def build(out: Path, smoke: bool = False, round2: bool = False) -> None:
+def _load_baseline(path: Path):
+    """An earlier ``kernels_int8.py`` (e.g. ``git show HEAD~1:targets/cuda/kernels_int8.py``) as a module."""
+    import importlib.util  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location("kernels_int8_baseline", path)
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = mod  # dataclasses look their module up
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = False, bits_only=(),
+          baseline: Path | None = None) -> None:
     import tvm  # noqa: PLC0415
 
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
@@ -127,29 +147,42 @@ def build(out: Path, smoke: bool = False, round2: bool = False) -> None:
         funcs[name] = f
         table.append({"kernel": name, **row})
 
-    def configs(bits):
+    base = _load_baseline(baseline) if baseline else None
+
+    def configs(bits, n=0, k=0):
+        if round3:
+            tuned = kernels_int8.int8_config(n, k, bits)
+            names = [tuned.name, dataclasses.replace(tuned, prefetch=not tuned.prefetch).name]
+            return names + [c for c in (_config(c, bits).name for c in ROUND3) if c not in names]
         if not round2:
             return _configs(bits)[:2] if smoke else _configs(bits)
         names = [_config(c, bits).name for c in ROUND2]
         return names + sorted({v for key, v in kernels_int8.TUNED.items() if key.startswith(f"{bits}/")} - set(names))
 
     t0 = time.perf_counter()
-    for bits in BITS:
+    for bits in bits_only or BITS:
         fmt = WeightFormat(bits, GROUP)
         for n, k in SHAPES[:1] if smoke else SHAPES:
-            base = dict(bits=bits, N=n, K=k, group=GROUP)
-            add(f"f32_default_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n), kind="float", config="default", **base)
-            if bits == 8:
+            base_row = dict(bits=bits, N=n, K=k, group=GROUP)
+            if base is not None:  # the earlier kernel's measured pick, for the side-by-side comparison
+                c = base.int8_config(n, k, bits).name
+                add(f"base_i8_{c}_b{bits}_n{n}_k{k}", base.gemv_int8(fmt, k, n, base.Int8GemvConfig.parse(c)),
+                    kind="int8_base", config=f"base:{c}", **base_row)
+            if not round3:
+                add(f"f32_default_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n), kind="float", config="default",
+                    **base_row)
+            if bits == 8 and not round3:
                 for v in F32_ROUND2 if round2 else F32_VARIANTS:
                     vn = "f32_r{}k{}g{}{}".format(v[0], v[1], v[2], "s" if v[3] else "")
                     add(f"{vn}_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n, kernels.GemvConfig(*v)), kind="float",
-                        config=vn[4:], **base)
-            for c in configs(bits) if not round2 or bits in ROUND2_BITS else ():
+                        config=vn[4:], **base_row)
+            for c in configs(bits, n, k) if not round2 or bits in ROUND2_BITS else ():
                 add(f"i8_{c}_b{bits}_n{n}_k{k}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
-                    kind="int8", config=c, **base)
+                    kind="int8", config=c, **base_row)
         for n, k, g, m in ODD:
             fmt = WeightFormat(bits, g)
-            for c in ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS:
+            odd = ODD_ROUND3 if round3 else ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS
+            for c in odd:
                 c = _config(c, bits).name
                 add(f"odd_i8_{c}_b{bits}_n{n}_k{k}_g{g}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
                     kind="int8", config=c, bits=bits, N=n, K=k, group=g, M=m, odd=True)
@@ -203,7 +236,7 @@ def run(root: Path, json_path: Path) -> int:
             res["failures"].append(f"{row['kernel']} M={x.shape[0]}: {type(e).__name__}: {str(e)[:200]}")
             return False
         y = y_t.cpu().numpy()
-        ref = ref_int8 if row["kind"] == "int8" else ref_float
+        ref = ref_int8 if row["kind"].startswith("int8") else ref_float
         err = _rel(y, ref)
         rec = {"kernel": row["kernel"], "M": x.shape[0], "rel_err": err, "rel_err_vs_float": _rel(y, ref_float)}
         res["checks"].append(rec)
@@ -234,6 +267,8 @@ def run(root: Path, json_path: Path) -> int:
         fmt = WeightFormat(bits, GROUP)
         for n, k in SHAPES:
             rows = [r for r in table if not r.get("odd") and r["bits"] == bits and (r["N"], r["K"]) == (n, k)]
+            if not rows:
+                continue
             nbytes = _gemv_bytes(bits, n, k, GROUP)
             copies = max(2, math.ceil(L2_BYTES / nbytes))
             planes, s, z = _random_weight(rng, fmt, n, k)
@@ -321,12 +356,15 @@ def pick(timings: list[dict]) -> dict[str, dict]:
             mine = [t for t in timings if (t["N"], t["K"], t["bits"]) == (n, k, bits)]
             i8 = [t for t in mine if t["kind"] == "int8"]
             f32 = [t for t in mine if t["kind"] == "float"]
+            old = [t for t in mine if t["kind"] == "int8_base"]
             if not i8:
                 continue
             best = min(i8, key=lambda t: t["us_mean"])
             fbest = min(f32, key=lambda t: t["us_mean"]) if f32 else None
             out[f"{bits}/{cls}"] = {"config": best["config"], "us": best["us_mean"], "GBps": best["GBps"],
                                     "float_best": fbest and fbest["config"], "float_us": fbest and fbest["us_mean"]}
+            if old:  # the earlier kernel's pick (--baseline), measured in the same run
+                out[f"{bits}/{cls}"].update(base=old[0]["config"], base_us=old[0]["us_mean"], base_GBps=old[0]["GBps"])
     return out
 
 
@@ -334,7 +372,8 @@ def summary(res: dict) -> None:
     print(f"device {res['device']}  copy {res['copy_GBps']:.0f} GB/s  eager={res['eager']}")
     for key, p in res["pick"].items():
         print(f"{key:10s} int8 {p['config']:14s} {p['us']:6.2f} us {p['GBps']:5.0f} GB/s   float {p['float_best']} "
-              f"{p['float_us'] or 0:6.2f} us")
+              f"{p['float_us'] or 0:6.2f} us" + (f"   {p['base']} {p['base_us']:6.2f} us {p['base_GBps']:5.0f} GB/s"
+                                                  if "base" in p else ""))
     for t in res["torch_fp16"]:
         print(f"torch fp16 {t['N']}x{t['K']}: {t['us']:.2f} us {t['GBps']:.0f} GB/s")
     worst = max((c["rel_err"] for c in res["checks"]), default=float("nan"))
@@ -348,11 +387,17 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, default=Path("bench/results/gpu_gemv_sweep.json"))
     ap.add_argument("--smoke", action="store_true", help="build: a few kernels only (a check of the script)")
     ap.add_argument("--round2", action="store_true", help="build: the round-2 configs (ROUND2) and TUNED's")
+    ap.add_argument("--round3", action="store_true", help="build: the round-3 configs (ROUND3) and TUNED's, with and "
+                    "without prefetch; no float kernels")
+    ap.add_argument("--bits", default="", help="build: comma-separated widths only (default: all)")
+    ap.add_argument("--baseline", type=Path, help="build: also each shape's pick compiled from this earlier "
+                    "kernels_int8.py (kind int8_base), e.g. git show HEAD:targets/cuda/kernels_int8.py > FILE")
     ap.add_argument("--kernels", default="", help="profile: comma-separated kernel names")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.step == "build":
-        build(args.dir, args.smoke, args.round2)
+        build(args.dir, args.smoke, args.round2, args.round3, tuple(int(b) for b in args.bits.split(",") if b),
+              args.baseline)
         return 0
     if args.step == "profile":
         profile(args.dir, [k for k in args.kernels.split(",") if k])

@@ -29,6 +29,9 @@ are flipped to signed (``^ 0x80808080``, ``code - 128``) and ``128 * sum xq`` ad
 Launch shape (:class:`Int8GemvConfig`): a block has ``wrows x ksplit`` warps; each warp owns ``rows``
 output channels (``rows * wrows`` a block), its lanes walk along K in chunks of ``chunk`` codes (the
 ``ksplit`` warps of a row group split K), ``unroll`` chunks' loads issued before their math.  With
+``prefetch`` the next step's loads (with their scales and zero points) are issued before this step's
+math (two register buffers, steps unrolled by two; without, scales and zero points are loaded at use:
+mostly L1/L2 hits, a 32-byte sector holds 16 groups).  With
 ``xsmem`` the block quantizes x once into shared memory (arranged ints, 16-byte conflict-free reads)
 behind one barrier, instead of every warp quantizing its chunks in registers.  Warps of
 one row group reduce with shuffles, the ``ksplit`` warps through shared memory.  Each row of x is its
@@ -140,31 +143,35 @@ class Int8GemvConfig:
     chunk: int = 32  # codes per lane and step (whole 32-blocks); halved until it divides K
     unroll: int = 1  # chunks whose loads are issued before their math
     xsmem: bool = False  # x quantized once per block into shared memory (else by every warp, in registers)
+    prefetch: bool = False  # the next step's loads issued before this step's math (two register buffers)
 
     @property
     def name(self) -> str:
-        return f"r{self.rows}w{self.wrows}k{self.ksplit}c{self.chunk}u{self.unroll}" + ("s" if self.xsmem else "")
+        return (f"r{self.rows}w{self.wrows}k{self.ksplit}c{self.chunk}u{self.unroll}" + ("s" if self.xsmem else "")
+                + ("p" if self.prefetch else ""))
 
     @classmethod
     def parse(cls, name: str) -> Int8GemvConfig:
         import re  # noqa: PLC0415
 
-        got = re.fullmatch(r"r(\d+)w(\d+)k(\d+)c(\d+)u(\d+)(s?)", name)
+        got = re.fullmatch(r"r(\d+)w(\d+)k(\d+)c(\d+)u(\d+)(s?)(p?)", name)
         if got is None:
-            raise ValueError(f"not an Int8GemvConfig name: {name!r} (expected like r8w2k2c32u1 or r8w2k2c32u1s)")
-        *ints, smem = got.groups()
-        return cls(*(int(v) for v in ints), xsmem=smem == "s")
+            raise ValueError(f"not an Int8GemvConfig name: {name!r} (expected like r8w2k2c32u1, r8w2k2c32u1s or "
+                             "r8w2k2c32u1sp)")
+        *ints, smem, pre = got.groups()
+        return cls(*(int(v) for v in ints), xsmem=smem == "s", prefetch=pre == "p")
 
 
 # The measured winner per (bits, shape class) on an H100 (bench/gpu/gemv_sweep.py, bench/results/
-# gpu_gemv_sweep.json: its "pick" table, pasted here).  Missing entries take Int8GemvConfig().
+# gpu_gemv_sweep_round3.json: its "pick" table, pasted here; 3/square's pick r4w8k1c64u1spl8 (an L2
+# prefetch variant, not kept) as r4w8k1c64u1sp, 0.5% slower).  Missing entries take Int8GemvConfig().
 TUNED: dict[str, str] = {
-    "2/square": "r8w4k2c64u1", "3/square": "r4w8k2c64u1s", "4/square": "r4w8k2c32u1s", "5/square": "r8w1k4c32u1",
+    "2/square": "r4w8k1c64u1sp", "3/square": "r4w8k1c64u1sp", "4/square": "r4w8k2c32u1s", "5/square": "r8w1k4c32u1",
     "6/square": "r8w1k4c32u1", "8/square": "r8w1k4c32u1",
-    "2/wide_k": "r4w8k2c64u1s", "3/wide_k": "r4w8k2c64u1s", "4/wide_k": "r8w1k4c32u1", "5/wide_k": "r8w1k4c32u1",
+    "2/wide_k": "r4w4k2c64u2sp", "3/wide_k": "r4w8k1c64u1sp", "4/wide_k": "r8w1k4c32u1", "5/wide_k": "r8w1k4c32u1",
     "6/wide_k": "r8w1k4c32u1", "8/wide_k": "r8w2k4c32u1",
-    "2/tall_n": "r8w4k1c64u1s", "3/tall_n": "r8w4k1c64u1s", "4/tall_n": "r4w4k2c32u1s", "5/tall_n": "r8w4k1c32u1s",
-    "6/tall_n": "r8w4k2c32u1s", "8/tall_n": "r4w4k2c32u1s",
+    "2/tall_n": "r8w4k1c64u1s", "3/tall_n": "r4w8k1c64u1sp", "4/tall_n": "r4w4k2c32u1s", "5/tall_n": "r4w4k2c32u2sp",
+    "6/tall_n": "r4w4k2c32u2sp", "8/tall_n": "r4w4k2c32u2sp",
 }
 
 
@@ -232,6 +239,8 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     narr = 2 if two else 1  # activation arrangements (one per plane width)
     xsmem = cfg.xsmem and (narr * k + 8 * kb) <= XSMEM_LIMIT
     fill = (kb + WARP * wr * ks - 1) // (WARP * wr * ks)  # blocks of 32 each thread quantizes (xsmem)
+    nsz = 1 if g % ct == 0 else nb  # scales (zero points) a row and chunk: one, or one per block of 32
+    nbuf = 2 if cfg.prefetch else 1  # register buffers of a step's loads
     if rows > WARP:
         raise ValueError(f"gemv_int8: rows={rows} > {WARP}")
 
@@ -261,20 +270,20 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
         return T.reinterpret("int32", v)
 
     @T.macro
-    def quantize(xf, u, b, q, mx, sc, isum, xi0, xi1):
-        """xf[u, 32b : 32b+32] -> xi0 (xi1): int8 activations arranged for plane 0 (1); sc[1] = sx,
+    def quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1):
+        """xf[bi, u, 32b : 32b+32] -> xi0 (xi1): int8 activations arranged for plane 0 (1); sc[1] = sx,
         sc[2] = sx * sum(xq).  The x86 activation_quantizer's arithmetic (rounding half to even)."""
         for i in T.unroll(4):
-            mx[i] = T.fabs(xf[u, b * BLOCK + i])
+            mx[i] = T.fabs(xf[bi, u, b * BLOCK + i])
         for i0 in T.unroll(BLOCK // 4 - 1):
             for i in T.unroll(4):
-                mx[i] = T.max(mx[i], T.fabs(xf[u, b * BLOCK + (i0 + 1) * 4 + i]))
+                mx[i] = T.max(mx[i], T.fabs(xf[bi, u, b * BLOCK + (i0 + 1) * 4 + i]))
         mx[0] = T.max(T.max(mx[0], mx[1]), T.max(mx[2], mx[3]))
         sc[0] = T.if_then_else(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))
         sc[1] = mx[0] / T.float32(127)
         for i in T.unroll(BLOCK):  # no contraction into an FFMA: round(fl(x * inv)) as on x86
             q[i] = T.call_pure_extern("float32", "__fadd_rn", T.call_pure_extern(
-                "float32", "__fmul_rn", xf[u, b * BLOCK + i], sc[0]), T.float32(MAGIC))
+                "float32", "__fmul_rn", xf[bi, u, b * BLOCK + i], sc[0]), T.float32(MAGIC))
         isum[1] = 0
         for t in T.unroll(8):
             xi0[t] = pack(q, p0, t)
@@ -285,26 +294,76 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
         sc[2] = T.Cast("float32", isum[1]) * sc[1]
 
     @T.macro
-    def load_step(st, x, w0, w1, a0, a1, xf, mb, bx, wy, wk, tx):
-        """Step ``st``'s loads into registers: every row's words of ``un`` chunks (and, without xsmem,
-        the chunks' activations)."""
+    def load_step(st, bi, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx):
+        """Step ``st``'s loads into register buffer ``bi``: every row's words of ``un`` chunks (with
+        prefetch their scales and zero points; without xsmem the chunks' activations)."""
         for u in T.unroll(un):
             if ((st * un + u) * ks + wk) * WARP + tx < chunks:
                 for r in T.unroll(rows):
                     if (bx * wr + wy) * rows + r < n:
                         for j0 in T.unroll(v0 // vw0):
                             for j in T.vectorized(vw0):
-                                a0[u, r, j0 * vw0 + j] = w0[(bx * wr + wy) * rows + r,
-                                                            (((st * un + u) * ks + wk) * WARP + tx) * v0 + j0 * vw0 + j]
+                                a0[bi, u, r, j0 * vw0 + j] = w0[(bx * wr + wy) * rows + r,
+                                                                (((st * un + u) * ks + wk) * WARP + tx) * v0 + j0 * vw0 + j]
                         if two:
                             for j0 in T.unroll(v1 // vw1):
                                 for j in T.vectorized(vw1):
-                                    a1[u, r, j0 * vw1 + j] = w1[(bx * wr + wy) * rows + r,
-                                                                (((st * un + u) * ks + wk) * WARP + tx) * v1 + j0 * vw1 + j]
+                                    a1[bi, u, r, j0 * vw1 + j] = w1[(bx * wr + wy) * rows + r,
+                                                                    (((st * un + u) * ks + wk) * WARP + tx) * v1 + j0 * vw1 + j]
+                        if cfg.prefetch:  # (else loaded at use: L1/L2 hits mostly)
+                            for b in T.unroll(nsz):
+                                sr[bi, u, r, b] = s[(bx * wr + wy) * rows + r,
+                                                    ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]
+                                zr[bi, u, r, b] = z[(bx * wr + wy) * rows + r,
+                                                    ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]
                 if not xsmem:
                     for i0 in T.unroll(ct // 4):
                         for i in T.vectorized(4):
-                            xf[u, i0 * 4 + i] = x[mb, (((st * un + u) * ks + wk) * WARP + tx) * ct + i0 * 4 + i]
+                            xf[bi, u, i0 * 4 + i] = x[mb, (((st * un + u) * ks + wk) * WARP + tx) * ct + i0 * 4 + i]
+
+    @T.macro
+    def math_step(st, bi, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0, xi1, acc, bx, wy, wk, tx):
+        """Step ``st``'s dot products from register buffer ``bi`` into ``acc``."""
+        for u in T.unroll(un):
+            if ((st * un + u) * ks + wk) * WARP + tx < chunks:
+                for b in T.unroll(nb):
+                    if xsmem:
+                        for h in T.unroll(2):
+                            for i in T.vectorized(4):
+                                xi0[h * 4 + i] = xsh[(h * nb + b) * chunks + ((st * un + u) * ks + wk) * WARP + tx, i]
+                            if two:
+                                for i in T.vectorized(4):
+                                    xi1[h * 4 + i] = xsh[((2 + h) * nb + b) * chunks + ((st * un + u) * ks + wk) * WARP
+                                                         + tx, i]
+                        sc[1] = xss[0, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
+                        sc[2] = xss[1, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
+                        if signed8:
+                            isum[1] = 0
+                            for t in T.unroll(8):
+                                isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
+                    else:
+                        quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1)
+                    for r in T.unroll(rows):
+                        if (bx * wr + wy) * rows + r < n:
+                            isum[0] = 0
+                            if signed8:
+                                isum[0] = isum[1] * 128
+                            for j in T.unroll(p0):
+                                for t in T.unroll(per0):
+                                    isum[0] = dp4a(lanes_of(a0[bi, u, r, b * p0 + j], p0, t, 0), xi0[j * per0 + t], isum[0])
+                            if two:
+                                for j in T.unroll(p1):
+                                    for t in T.unroll(per1):
+                                        isum[0] = dp4a(lanes_of(a1[bi, u, r, b * p1 + j], p1, t, p0), xi1[j * per1 + t],
+                                                       isum[0])
+                            if cfg.prefetch:
+                                acc[r] = acc[r] + T.Cast("float32", sr[bi, u, r, b % nsz]) * (
+                                    T.Cast("float32", isum[0]) * sc[1]) + T.Cast("float32", zr[bi, u, r, b % nsz]) * sc[2]
+                            else:
+                                acc[r] = acc[r] + T.Cast("float32", s[(bx * wr + wy) * rows + r, (
+                                    (((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]) * (
+                                    T.Cast("float32", isum[0]) * sc[1]) + T.Cast("float32", z[(bx * wr + wy) * rows + r, (
+                                        (((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]) * sc[2]
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
@@ -327,24 +386,31 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                             xsh = T.alloc_buffer((narr * 2 * nb * chunks if xsmem else 1, 4), "int32", scope="shared.dyn")
                             xss = T.alloc_buffer((2, kb if xsmem else 1), "float32", scope="shared.dyn")
                             acc = T.alloc_buffer((rows,), "float32", scope="local")
-                            a0 = T.alloc_buffer((un, rows, v0), "uint32", scope="local")
-                            a1 = T.alloc_buffer((un, rows, v1), "uint32", scope="local")
-                            xf = T.alloc_buffer((1 if xsmem else un, BLOCK if xsmem else ct), "float32", scope="local")
+                            # register buffers of a step's loads (two with prefetch: step st+1 loads into one
+                            # while step st's math reads the other)
+                            a0 = T.alloc_buffer((nbuf, un, rows, v0), "uint32", scope="local")
+                            a1 = T.alloc_buffer((nbuf, un, rows, v1), "uint32", scope="local")
+                            sr = T.alloc_buffer((nbuf, un, rows, nsz), "float16", scope="local")  # (prefetch)
+                            zr = T.alloc_buffer((nbuf, un, rows, nsz), "float16", scope="local")
+                            xf = T.alloc_buffer((1 if xsmem else nbuf, 1 if xsmem else un, BLOCK if xsmem else ct), "float32",
+                                                scope="local")
                             q = T.alloc_buffer((BLOCK,), "float32", scope="local")
                             xi0 = T.alloc_buffer((8,), "int32", scope="local")
                             xi1 = T.alloc_buffer((8,), "int32", scope="local")
                             mx = T.alloc_buffer((4,), "float32", scope="local")
                             sc = T.alloc_buffer((3,), "float32", scope="local")  # 127/amax, sx, sx*sum(xq)
                             isum = T.alloc_buffer((2,), "int32", scope="local")
+                            if xsmem or cfg.prefetch:  # step 0's loads first (with xsmem: on their way while the
+                                # block quantizes x)
+                                load_step(0, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx)
                             if xsmem:  # quantize x once per block (each thread a block of 32 at a time)
-                                load_step(0, x, w0, w1, a0, a1, xf, mb, bx, wy, wk, tx)  # while step 0's weights are on their way
                                 for it in range(fill):
                                     if (it * wr * ks + wy * ks + wk) * WARP + tx < kb:
                                         for i0 in T.unroll(BLOCK // 4):
                                             for i in T.vectorized(4):
-                                                xf[0, i0 * 4 + i] = x[mb, ((it * wr * ks + wy * ks + wk) * WARP + tx) * BLOCK
-                                                                      + i0 * 4 + i]
-                                        quantize(xf, 0, 0, q, mx, sc, isum, xi0, xi1)
+                                                xf[0, 0, i0 * 4 + i] = x[mb, ((it * wr * ks + wy * ks + wk) * WARP + tx) * BLOCK
+                                                                         + i0 * 4 + i]
+                                        quantize(xf, 0, 0, 0, q, mx, sc, isum, xi0, xi1)
                                         for h in T.unroll(2):
                                             for i in T.vectorized(4):
                                                 xsh[(h * nb + ((it * wr * ks + wy * ks + wk) * WARP + tx) % nb) * chunks
@@ -359,51 +425,19 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                 T.tvm_storage_sync("shared.dyn")
                             for r in T.unroll(rows):
                                 acc[r] = T.float32(0)
-                            for st in range(steps):
-                                # loads first: weights of `un` chunks for every row (and their activations);
-                                # with xsmem step 0's were issued before the block quantized x
-                                if not xsmem or st > 0:
-                                    load_step(st, x, w0, w1, a0, a1, xf, mb, bx, wy, wk, tx)
-                                for u in T.unroll(un):
-                                    if ((st * un + u) * ks + wk) * WARP + tx < chunks:
-                                        for b in T.unroll(nb):
-                                            if xsmem:
-                                                for h in T.unroll(2):
-                                                    for i in T.vectorized(4):
-                                                        xi0[h * 4 + i] = xsh[(h * nb + b) * chunks + (
-                                                            (st * un + u) * ks + wk) * WARP + tx, i]
-                                                    if two:
-                                                        for i in T.vectorized(4):
-                                                            xi1[h * 4 + i] = xsh[((2 + h) * nb + b) * chunks + (
-                                                                (st * un + u) * ks + wk) * WARP + tx, i]
-                                                sc[1] = xss[0, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
-                                                sc[2] = xss[1, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
-                                                if signed8:
-                                                    isum[1] = 0
-                                                    for t in T.unroll(8):
-                                                        isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
-                                            else:
-                                                quantize(xf, u, b, q, mx, sc, isum, xi0, xi1)
-                                            for r in T.unroll(rows):
-                                                if (bx * wr + wy) * rows + r < n:
-                                                    isum[0] = 0
-                                                    if signed8:
-                                                        isum[0] = isum[1] * 128
-                                                    for j in T.unroll(p0):
-                                                        for t in T.unroll(per0):
-                                                            isum[0] = dp4a(lanes_of(a0[u, r, b * p0 + j], p0, t, 0),
-                                                                           xi0[j * per0 + t], isum[0])
-                                                    if two:
-                                                        for j in T.unroll(p1):
-                                                            for t in T.unroll(per1):
-                                                                isum[0] = dp4a(lanes_of(a1[u, r, b * p1 + j], p1, t, p0),
-                                                                               xi1[j * per1 + t], isum[0])
-                                                    acc[r] = acc[r] + T.Cast("float32", s[
-                                                        (bx * wr + wy) * rows + r,
-                                                        ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]) * (
-                                                        T.Cast("float32", isum[0]) * sc[1]) + T.Cast("float32", z[
-                                                            (bx * wr + wy) * rows + r,
-                                                            ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]) * sc[2]
+                            if cfg.prefetch:
+                                for st2 in range((steps + 1) // 2):
+                                    for pb in T.unroll(2):  # buffer pb holds step 2*st2 + pb's loads
+                                        load_step(st2 * 2 + pb + 1, 1 - pb, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy,
+                                                  wk, tx)
+                                        math_step(st2 * 2 + pb, pb, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0,
+                                                  xi1, acc, bx, wy, wk, tx)
+                            else:
+                                for st in range(steps):
+                                    if not xsmem or st > 0:
+                                        load_step(st, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx)
+                                    math_step(st, 0, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0, xi1, acc, bx, wy,
+                                              wk, tx)
                             for r in T.unroll(rows):
                                 for off in T.unroll(5):
                                     acc[r] = acc[r] + T.tvm_warp_shuffle_down(
