@@ -497,6 +497,13 @@ def run(root: Path, results: dict, failures: list, vulkan_device=None, save=lamb
     results.setdefault("decode", [])
     if NOTE not in results.setdefault("notes", []):
         results["notes"].append(NOTE)
+    if "cuda" in targets and models:  # warm-up, not recorded: the first model measured in a process ran
+        # 135-143 tok/s where the same build later ran 213-225 (bench/results/gpu_decode_int8_vs_float.json)
+        name, model = next(iter(models.items()))
+        try:
+            run_cuda(root, name, model, {"decode": []}, [])
+        except Exception:  # noqa: BLE001  (the measured run reports it)
+            log.exception("decode warm-up")
     for name, model in models.items():
         for what, fn in (("cuda", lambda: run_cuda(root, name, model, results, failures)),  # noqa: B023
                          ("torch", lambda: run_torch(name, model, results)),  # noqa: B023
