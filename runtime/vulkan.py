@@ -4,10 +4,13 @@ The plan (written by ``qcompile.targets.vulkan.build``) lists the buffers, the W
 calls in order, with sizes, uniform values and grids as expressions of the model's symbolic dims; it
 may hold several variants (a decode step with batch = sequence = 1, then the general plan): a run
 uses the first whose condition on the dims holds.
-At load, the shader modules, pipelines and parameter buffers are created once.  For each set of
-input shapes (bound to the symbolic dims), the storage buffers, bind groups and uniform values are
-created once and kept (a few shape sets at a time); a run then writes the inputs, records one command
-buffer (every dispatch in one compute pass, then the output copies) and submits it.
+At load, the shader modules, pipelines and parameter buffers are created once.  Device buffers for
+inputs, intermediates and the read-back of outputs come from a pool that grows by doubling and is shared
+by every set of input shapes (bound to the symbolic dims), and bind groups are cached by the buffers and
+offsets they bind, so a new set of shapes (a decode step at a new cache length) mostly costs evaluating
+the plan's expressions: new buffers and bind groups only when a buffer grows.  A run writes the inputs
+and the shape set's uniform values, records one command buffer (every dispatch in one compute pass, then
+the outputs copied into one read-back buffer), submits it and maps that buffer once.
 
 int64 tensors live on the device as int32 (WGSL has no 64-bit integers): inputs are narrowed on upload
 (values must fit) and outputs widened on download.
@@ -19,6 +22,7 @@ import ast
 import json
 import logging
 import os
+import struct
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,8 +38,9 @@ log = logging.getLogger(__name__)
 
 PLAN_FORMAT = 2
 _KERNEL_MARK = "// qcompile-kernel: "
-_SHAPE_SETS = 4  # shape signatures whose buffers and bind groups are kept
-_POD_NUMPY = {"i32": np.int32, "u32": np.uint32, "f32": np.float32}
+_SHAPE_SETS = 16  # shape signatures whose uniform values and dispatch lists are kept
+_POD_STRUCT = {"i32": "<i", "u32": "<I", "f32": "<f"}
+_READ_ALIGN = 256  # offsets of the outputs in the read-back buffer
 _DEVICE_NUMPY = {"float32", "float16", "int32", "uint32"}
 
 
@@ -149,43 +154,45 @@ class _Variant:
                 compute={"module": module, "entry_point": k["name"]}, label=k["id"])
             self.layouts[k["id"]] = layout
             self.pipelines.append(pipeline)
+        # uniform values of every call at its slot of one buffer, rewritten for the shape set of each run
+        self.slot = max(dev.limits["min-uniform-buffer-offset-alignment"], 16)
+        self.uniform = dev.create_buffer(size=self.slot * max(1, len(plan["calls"])),
+                                         usage=wgpu.BufferUsage.UNIFORM | wgpu.BufferUsage.COPY_DST)
 
 
 class _Program:
-    """What one set of input shapes needs: storage buffers, bind groups, uniform values, dispatches."""
+    """What one set of input shapes needs: buffers (from the session's pool), uniform values, dispatches
+    with their (cached) bind groups, where each output lies in the read-back buffer."""
 
     def __init__(self, sess: Session, variant: _Variant, env: dict):
-        import wgpu  # noqa: PLC0415
-
         dev, plan, dtypes = sess.device, variant.plan, sess.plan
         self.variant, self.env = variant, env
+        vid = id(variant)
         buffers: list = []
-        for spec in plan["buffers"]:
+        for b, spec in enumerate(plan["buffers"]):
             kind = spec["kind"]
             if kind == "input":
                 buffers.append(None)  # filled below, sized from the feed
             elif kind in ("param", "const"):
                 buffers.append(sess.fixed[spec["name"]])
             else:
-                size = max(16, -(-sess.exprs(spec["bytes"], env) // 16) * 16)
-                buffers.append(dev.create_buffer(size=size, usage=_storage_usage()))
+                buffers.append(sess.pool.get((vid, "buffer", b), sess.exprs(spec["bytes"], env)))
         self.inputs = []
-        for spec in plan["inputs"]:
+        for i, spec in enumerate(plan["inputs"]):
             shape = [sess.exprs(d, env) for d in spec["shape"]]
             nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(dtypes, spec["dtype"])).itemsize
-            buf = dev.create_buffer(size=max(16, -(-nbytes // 16) * 16), usage=_storage_usage())
-            self.inputs.append(buf)
+            self.inputs.append(sess.pool.get(("input", i), nbytes))
         for b, spec in enumerate(plan["buffers"]):
             if spec["kind"] == "input":
                 buffers[b] = self.inputs[spec["index"]]
         self.buffers = buffers
 
-        align = dev.limits["min-uniform-buffer-offset-alignment"]
         max_dim = dev.limits["max-compute-workgroups-per-dimension"]
         calls = plan["calls"]
-        slot = max(align, 16)
+        slot = variant.slot
         pods = bytearray(slot * max(1, len(calls)))
         self.dispatches = []
+        self.bind_groups = []
         for c_i, call in enumerate(calls):
             kernel = variant.kernels[call["kernel"]]
             gx, gy = (sess.exprs(g, env) for g in call["grid"])
@@ -201,30 +208,40 @@ class _Program:
                 raise ArtifactError(f"{sess.path}: kernel {kernel['name']} takes {len(types)} uniform values, "
                                     f"the plan gives {len(values)}")
             for j, (t, v) in enumerate(zip(types, values)):
-                pods[c_i * slot + 4 * j: c_i * slot + 4 * j + 4] = np.array(v, _POD_NUMPY[t]).tobytes()
-            entries = []
-            for j, ((b, offset), _access) in enumerate(zip(call["bindings"], kernel["bindings"])):
-                buf = buffers[b]
-                off = sess.exprs(offset, env)
-                entries.append({"binding": j, "resource": {"buffer": buf, "offset": off, "size": buf.size - off}})
-            self.dispatches.append((variant.pipelines[call["kernel"]], kernel, entries, c_i * slot, (x, gy, gz)))
-        self.uniform = dev.create_buffer_with_data(data=bytes(pods), usage=wgpu.BufferUsage.UNIFORM)
-        self.bind_groups = []
-        for pipeline, kernel, entries, pod_offset, grid in self.dispatches:
-            if kernel["pod"]:
-                entries = entries + [{"binding": len(entries), "resource": {
-                    "buffer": self.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}}]
-            group = dev.create_bind_group(layout=variant.layouts[kernel["id"]], entries=entries)
-            self.bind_groups.append((pipeline, group, grid))
+                struct.pack_into(_POD_STRUCT[t], pods, c_i * slot + 4 * j, v)
+            bound = tuple((buffers[b], sess.exprs(offset, env)) for (b, offset), _a in zip(call["bindings"], kernel["bindings"]))
+            pipeline = variant.pipelines[call["kernel"]]
+            self.dispatches.append((pipeline, kernel, bound, c_i * slot, (x, gy, gz)))
+            self.bind_groups.append((pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz)))
+        self.pods = bytes(pods)
         self.outputs = []
+        offset = 0
         for spec in plan["outputs"]:
             shape = tuple(sess.exprs(d, env) for d in spec["shape"])
             ddtype = _device_dtype(dtypes, spec["dtype"])
             nbytes = int(np.prod(shape)) * np.dtype(ddtype).itemsize
             size = max(4, -(-nbytes // 4) * 4)
-            read = dev.create_buffer(size=size, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
-            self.outputs.append((buffers[spec["buffer"]], sess.exprs(spec["offset"], env), size, read, shape,
+            self.outputs.append((buffers[spec["buffer"]], sess.exprs(spec["offset"], env), size, offset, shape,
                                  ddtype, spec["dtype"], nbytes))
+            offset += -(-size // _READ_ALIGN) * _READ_ALIGN
+        self.read_bytes = max(offset, _READ_ALIGN)
+
+
+class _Pool:
+    """Device buffers by slot, each at least as large as asked, grown by doubling (a slot's old buffer
+    stays alive as long as bind groups of other shape sets use it)."""
+
+    def __init__(self, device):
+        self.device = device
+        self.buffers: dict = {}
+
+    def get(self, key, nbytes: int, usage=None):
+        buf = self.buffers.get(key)
+        need = max(16, -(-nbytes // 16) * 16)
+        if buf is None or buf.size < need:
+            size = need if buf is None else max(need, 2 * buf.size)
+            buf = self.buffers[key] = self.device.create_buffer(size=size, usage=usage or _storage_usage())
+        return buf
 
 
 def _storage_usage():
@@ -267,7 +284,9 @@ class Session:
         self.variants = [_Variant(self, v, sources) for v in plan["variants"]]
         self.input_specs = plan["variants"][-1]["inputs"]  # the general variant binds the symbolic dims
         self.fixed = self._upload_fixed(root, params)
+        self.pool = _Pool(self.device)
         self._programs: OrderedDict = OrderedDict()
+        self._bind_groups: dict = {}  # (kernel, buffers and offsets, uniform slot) -> (bind group, buffers)
         self.gpu_seconds: float | None = None  # set by time_calls where the device has timestamp queries
         self.encode_seconds: float | None = None  # time_calls: recording one pass (CPU, Python + wgpu)
         log.info("loaded %s: %d plan variants, %d kernels, %d parameter buffers", root, len(self.variants),
@@ -342,6 +361,29 @@ class Session:
                                     f"inputs make it {want}")
         return arrays, env
 
+    def bind_group(self, variant: _Variant, kernel: dict, bound: tuple, pod_offset: int):
+        """The bind group of ``kernel`` over ``bound`` ((buffer, offset) per binding, each to the buffer's
+        end) and its uniform slot, made once (cached by the buffers' identities, kept alive here)."""
+        key = (id(variant), kernel["id"], tuple((id(b), off) for b, off in bound), pod_offset if kernel["pod"] else -1)
+        hit = self._bind_groups.get(key)
+        if hit is None:
+            entries = [{"binding": j, "resource": {"buffer": b, "offset": off, "size": b.size - off}}
+                       for j, (b, off) in enumerate(bound)]
+            if kernel["pod"]:
+                entries.append({"binding": len(entries), "resource": {
+                    "buffer": variant.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}})
+            group = self.device.create_bind_group(layout=variant.layouts[kernel["id"]], entries=entries)
+            hit = self._bind_groups[key] = (group, [b for b, _ in bound])
+        return hit[0]
+
+    def _write(self, prog: _Program, arrays: list[np.ndarray]) -> None:
+        """A run's uploads: the inputs and the shape set's uniform values."""
+        queue = self.device.queue
+        for buf, a in zip(prog.inputs, arrays):
+            if a.nbytes:
+                queue.write_buffer(buf, 0, _padded(a))
+        queue.write_buffer(prog.variant.uniform, 0, prog.pods)
+
     def _program(self, env: dict) -> _Program:
         key = tuple(sorted(env.items()))
         prog = self._programs.get(key)
@@ -360,20 +402,19 @@ class Session:
 
         arrays, env = self._bind(feeds)
         prog = self._program(env)
-        queue = self.device.queue
-        for buf, a in zip(prog.inputs, arrays):
-            if a.nbytes:
-                queue.write_buffer(buf, 0, _padded(a))
+        self._write(prog, arrays)
+        read = self.pool.get("read", prog.read_bytes, wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         encoder = self.device.create_command_encoder()
         self._encode(encoder, prog)
-        for src, offset, size, read, *_ in prog.outputs:
-            encoder.copy_buffer_to_buffer(src, offset, read, 0, size)
-        queue.submit([encoder.finish()])
+        for src, offset, size, at, *_ in prog.outputs:
+            encoder.copy_buffer_to_buffer(src, offset, read, at, size)
+        self.device.queue.submit([encoder.finish()])
+        read.map_sync(wgpu.MapMode.READ, 0, prog.read_bytes)  # one mapping for every output
+        raw = np.frombuffer(read.read_mapped(0, prog.read_bytes), np.uint8)
+        read.unmap()
         results = {}
-        for o, (src, offset, size, read, shape, ddtype, dtype, nbytes) in zip(self.outputs, prog.outputs):
-            read.map_sync(wgpu.MapMode.READ)
-            data = np.frombuffer(read.read_mapped(0, size), np.uint8)[:nbytes].view(ddtype).reshape(shape)
-            read.unmap()
+        for o, (_src, _offset, _size, at, shape, ddtype, _dtype, nbytes) in zip(self.outputs, prog.outputs):
+            data = raw[at:at + nbytes].view(ddtype).reshape(shape)
             results[o.name] = data.astype(o.dtype) if ddtype != o.dtype else data.copy()
         if output_names is None:
             output_names = [o.name for o in self.outputs]
@@ -398,11 +439,10 @@ class Session:
 
         arrays, env = self._bind(feeds)
         prog = self._program(env)
-        for buf, a in zip(prog.inputs, arrays):
-            if a.nbytes:
-                self.device.queue.write_buffer(buf, 0, _padded(a))
+        self._write(prog, arrays)
         variants = [prog.bind_groups] + [self._rebind(prog, self._copy_fixed()) for _ in range(copies - 1)]
-        src, offset, _size, read, *_ = prog.outputs[0]
+        src, offset = prog.outputs[0][:2]
+        read = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         stamps = "timestamp-query" in self.device.features
         if stamps:
             queries = self.device.create_query_set(type="timestamp", count=2)
@@ -446,10 +486,9 @@ class Session:
 
         arrays, env = self._bind(feeds)
         prog = self._program(env)
-        for buf, a in zip(prog.inputs, arrays):
-            if a.nbytes:
-                self.device.queue.write_buffer(buf, 0, _padded(a))
-        src, offset, _size, read, *_ = prog.outputs[0]
+        self._write(prog, arrays)
+        src, offset = prog.outputs[0][:2]
+        read = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         out = []
         for group, (_, kernel, *_rest) in zip(prog.bind_groups, prog.dispatches):
             encoder = self.device.create_command_encoder()
@@ -479,15 +518,9 @@ class Session:
         """``prog``'s bind groups with the parameter buffers replaced by ``fixed``."""
         swap = {id(self.fixed[n]): fixed[n] for n in fixed}
         out = []
-        for (pipeline, _group, grid), (_, kernel, entries, pod_offset, _) in zip(prog.bind_groups, prog.dispatches):
-            entries = [dict(e, resource=dict(e["resource"], buffer=swap.get(id(e["resource"]["buffer"]),
-                                                                           e["resource"]["buffer"])))
-                       for e in entries]
-            if kernel["pod"]:
-                entries.append({"binding": len(entries), "resource": {
-                    "buffer": prog.uniform, "offset": pod_offset, "size": 4 * len(kernel["pod"])}})
-            out.append((pipeline, self.device.create_bind_group(layout=prog.variant.layouts[kernel["id"]],
-                                                                entries=entries), grid))
+        for pipeline, kernel, bound, pod_offset, grid in prog.dispatches:
+            bound = tuple((swap.get(id(b), b), off) for b, off in bound)
+            out.append((pipeline, self.bind_group(prog.variant, kernel, bound, pod_offset), grid))
         return out
 
     @classmethod
