@@ -209,7 +209,8 @@ class _Program:
                                     f"the plan gives {len(values)}")
             for j, (t, v) in enumerate(zip(types, values)):
                 struct.pack_into(_POD_STRUCT[t], pods, c_i * slot + 4 * j, v)
-            bound = tuple((buffers[b], sess.exprs(offset, env)) for (b, offset), _a in zip(call["bindings"], kernel["bindings"]))
+            bound = tuple((buffers[b], sess.exprs(offset, env))
+                          for (b, offset), _a in zip(call["bindings"], kernel["bindings"]))
             pipeline = variant.pipelines[call["kernel"]]
             self.dispatches.append((pipeline, kernel, bound, c_i * slot, (x, gy, gz)))
             self.bind_groups.append((pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz)))
@@ -364,7 +365,8 @@ class Session:
     def bind_group(self, variant: _Variant, kernel: dict, bound: tuple, pod_offset: int):
         """The bind group of ``kernel`` over ``bound`` ((buffer, offset) per binding, each to the buffer's
         end) and its uniform slot, made once (cached by the buffers' identities, kept alive here)."""
-        key = (id(variant), kernel["id"], tuple((id(b), off) for b, off in bound), pod_offset if kernel["pod"] else -1)
+        key = (id(variant), kernel["id"], tuple((id(b), off) for b, off in bound),
+               pod_offset if kernel["pod"] else -1)
         hit = self._bind_groups.get(key)
         if hit is None:
             entries = [{"binding": j, "resource": {"buffer": b, "offset": off, "size": b.size - off}}

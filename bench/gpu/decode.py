@@ -418,7 +418,8 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
     sess = vulkan.Session(art, device, params=random_params(load_specs(art)))
     row = {"target": "vulkan", "model": model["name"], "bpw": model["bpw"], "params": model["params"],
            "device": sess.device.adapter.info["device"],
-           "how": "runtime.vulkan Session.run per step: KV cache uploaded and downloaded every step (one read-back mapping), buffers and bind groups pooled across lengths"}
+           "how": "runtime.vulkan Session.run per step: KV cache uploaded and downloaded every step (one "
+                  "read-back mapping), buffers and bind groups pooled across lengths"}
     past_names = [i.name for i in sess.inputs if i.name.startswith("past_key_values")]
     c = model["config"]
     state = {}
