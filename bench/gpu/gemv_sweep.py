@@ -133,7 +133,7 @@ def _load_baseline(path: Path):
 
 
 def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = False, bits_only=(),
-          baseline: Path | None = None) -> None:
+          baseline: Path | None = None, extra=(), shapes=()) -> None:
     import tvm  # noqa: PLC0415
 
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
@@ -150,6 +150,8 @@ def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = F
     base = _load_baseline(baseline) if baseline else None
 
     def configs(bits, n=0, k=0):
+        if extra:  # --configs: these and TUNED's
+            return list(dict.fromkeys([kernels_int8.int8_config(n, k, bits).name, *(_config(c, bits).name for c in extra)]))
         if round3:
             tuned = kernels_int8.int8_config(n, k, bits)
             names = [tuned.name, dataclasses.replace(tuned, prefetch=not tuned.prefetch).name]
@@ -162,16 +164,16 @@ def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = F
     t0 = time.perf_counter()
     for bits in bits_only or BITS:
         fmt = WeightFormat(bits, GROUP)
-        for n, k in SHAPES[:1] if smoke else SHAPES:
+        for n, k in SHAPES[:1] if smoke else [sh for sh in SHAPES if not shapes or sh in shapes]:
             base_row = dict(bits=bits, N=n, K=k, group=GROUP)
             if base is not None:  # the earlier kernel's measured pick, for the side-by-side comparison
                 c = base.int8_config(n, k, bits).name
                 add(f"base_i8_{c}_b{bits}_n{n}_k{k}", base.gemv_int8(fmt, k, n, base.Int8GemvConfig.parse(c)),
                     kind="int8_base", config=f"base:{c}", **base_row)
-            if not round3:
+            if not round3 and not extra:
                 add(f"f32_default_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n), kind="float", config="default",
                     **base_row)
-            if bits == 8 and not round3:
+            if bits == 8 and not round3 and not extra:
                 for v in F32_ROUND2 if round2 else F32_VARIANTS:
                     vn = "f32_r{}k{}g{}{}".format(v[0], v[1], v[2], "s" if v[3] else "")
                     add(f"{vn}_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n, kernels.GemvConfig(*v)), kind="float",
@@ -181,7 +183,7 @@ def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = F
                     kind="int8", config=c, **base_row)
         for n, k, g, m in ODD:
             fmt = WeightFormat(bits, g)
-            odd = ODD_ROUND3 if round3 else ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS
+            odd = extra[:1] if extra else ODD_ROUND3 if round3 else ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS
             for c in odd:
                 c = _config(c, bits).name
                 add(f"odd_i8_{c}_b{bits}_n{n}_k{k}_g{g}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
@@ -392,12 +394,16 @@ def main(argv=None) -> int:
     ap.add_argument("--bits", default="", help="build: comma-separated widths only (default: all)")
     ap.add_argument("--baseline", type=Path, help="build: also each shape's pick compiled from this earlier "
                     "kernels_int8.py (kind int8_base), e.g. git show HEAD:targets/cuda/kernels_int8.py > FILE")
+    ap.add_argument("--configs", default="", help="build: comma-separated int8 configs (c0: 16-byte chunks) beside "
+                    "TUNED's, no float kernels; the first also on the odd shapes")
+    ap.add_argument("--shapes", default="", help="build: comma-separated NxK of SHAPES only (default: all)")
     ap.add_argument("--kernels", default="", help="profile: comma-separated kernel names")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.step == "build":
         build(args.dir, args.smoke, args.round2, args.round3, tuple(int(b) for b in args.bits.split(",") if b),
-              args.baseline)
+              args.baseline, tuple(c for c in args.configs.split(",") if c),
+              tuple(tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",") if sh))
         return 0
     if args.step == "profile":
         profile(args.dir, [k for k in args.kernels.split(",") if k])
