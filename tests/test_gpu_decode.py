@@ -126,7 +126,13 @@ def test_vulkan_decoder_on_generated_params_matches_onnxruntime(decoder, tmp_pat
 
 @needs_vulkan
 @pytest.mark.parametrize("bits, n, k, config", [(2, 40, 256, None), (3, 36, 256, (4, 64)), (4, 100, 384, None),
-                                                (5, 17, 256, (16, 64)), (6, 20, 512, (4, 64)), (8, 64, 128, (8, 32)), (4, 50, 4096, (8, 64, False))])
+                                                (5, 17, 256, (16, 64)), (6, 20, 512, (4, 64)), (8, 64, 128, (8, 32)), (4, 50, 4096, (8, 64, False)),
+                                                # GemvConfig flags: split_reduce, inplace, early
+                                                (2, 40, 256, (8, 64, True, False, False, True)),
+                                                (3, 36, 256, (4, 64, True, True, True, True)),
+                                                (4, 100, 2560, (16, 64, True, True, True)),
+                                                (4, 50, 4096, (8, 32, True, True, True, True)),
+                                                (8, 64, 128, (8, 32, True, True, True, True)), (8, 72, 256, None)])
 def test_vulkan_gemv_kernel(tmp_path, bits, n, k, config):
     """targets.vulkan.kernels.gemv against float64 numpy: every width, N not a multiple of the rows,
     K not a multiple of the threads' chunks."""

@@ -13,9 +13,14 @@ GEMV kernels (``kind``), each a one-call plan ``y[1, N] = x[1, K] @ dequantize(W
 - ``dlight_symbolic_m``: the same definition with a symbolic M (what a KV-cache model's decode step ran
   before :func:`qcompile.targets.vulkan.kernels.gemv`: dlight's matmul schedule), 4-bit only;
 - ``vulkan``: :func:`qcompile.targets.vulkan.kernels.gemv` with its default launch shape (the decode
-  plans use it), and with ``build --variants`` ``r{rows}t{threads}[s]`` variants of it at 2 and 4 bits
-  (s: x staged in workgroup memory; bench/gpu/NOTES.md has their timings);
+  plans use it), and with ``build --variants`` ``r{rows}t{threads}[s][-flags]`` variants of it at 2 and 4
+  bits (s: x staged in workgroup memory; flags: :data:`FLAGS`; bench/gpu/NOTES.md has their timings), or
+  those named by ``--configs``;
 - a 4 KB GEMV (:data:`FLOOR`): what one dispatch costs.
+
+Only some kernels (tuning): ``build --bits 2,4 --shapes 4096x14336 --configs r8t64s-ri,r8t64s --no-dlight
+--no-models``, then on the GPU machine ``python -m bench.gpu.vulkan run --dir D --interleave 4 --json
+$OUT/x.json`` (the kernels of a width and shape timed in turns: the GPU's clock moves between them).
 
 The weights are generated on the GPU machine (random, seeded per name: ``bench.gpu.decode.random_params``),
 since 18 shapes x widths of weights do not travel; every kernel of one width and shape gets the same
@@ -45,8 +50,9 @@ BITS = (2, 3, 4, 5, 6, 8)
 SHAPES = ((4096, 4096), (4096, 14336), (14336, 4096))  # (N, K), as the CUDA GEMV rows
 GROUP = 128
 VARIANTS = ((8, 64, False), (4, 64, True), (8, 128, True), (16, 64, True), (4, 128, True), (8, 32, True),
-            (16, 128, True))  # (rows, threads, smem_x) besides the default GemvConfig()
+            (16, 128, True))  # (rows, threads, smem_x), no flags, besides the default (kernels.TUNED)
 VARIANT_BITS = (2, 4)
+FLAGS = {"r": "split_reduce", "i": "inplace", "e": "early"}  # GemvConfig flags in variant names
 FLOOR = (4, 64, 128)  # (bits, N, K): a GEMV of 4 KB of weights, timed like the others: the cost of a dispatch
 CACHE_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
@@ -136,25 +142,40 @@ def _params_digest(specs_json: str) -> str:
     return hashlib.sha256(save(random_params(json.loads(specs_json)))).hexdigest()
 
 
-def build(out: Path, variants: bool = False) -> None:
-    """GEMV plans (``variants``: also the launch-shape variants, for tuning) and the test models."""
+def variant_config(name: str):
+    """The :class:`GemvConfig` of a variant name ``r{rows}t{threads}[s][-flags]`` (flags: :data:`FLAGS`)."""
+    import re  # noqa: PLC0415
+
     from qcompile.targets.vulkan.kernels import GemvConfig  # noqa: PLC0415
 
+    match = re.fullmatch(r"r(\d+)t(\d+)(s?)(?:-([a-z]+))?", name)
+    if not match or any(f not in FLAGS for f in match[4] or ""):
+        raise ValueError(f"GEMV variant {name!r}: expected r<rows>t<threads>[s][-flags], flags from "
+                         f"{sorted(FLAGS)}")
+    return GemvConfig(int(match[1]), int(match[2]), bool(match[3]), **{FLAGS[f]: True for f in match[4] or ""})
+
+
+def build(out: Path, variants: bool = False, bits_list=BITS, shapes=SHAPES, configs=(), dlight: bool = True,
+          models: bool = True) -> None:
+    """GEMV plans (``variants``: also the launch-shape variants, for tuning; ``configs``: variant names
+    built for every width and shape) and the test models."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    for bits in BITS:
-        for n, k in SHAPES:
-            build_gemv(out, "dlight", bits, n, k)
+    for bits in bits_list:
+        for n, k in shapes:
+            if dlight:
+                build_gemv(out, "dlight", bits, n, k)
             build_gemv(out, "vulkan", bits, n, k)
-            if bits == 4:
+            if dlight and bits == 4:
                 build_gemv(out, "dlight_symbolic_m", bits, n, k)
-            if variants and bits in VARIANT_BITS:
-                for rows, threads, smem_x in VARIANTS:
-                    build_gemv(out, f"r{rows}t{threads}" + ("s" if smem_x else ""), bits, n, k,
-                               GemvConfig(rows, threads, smem_x))
+            names = [f"r{r}t{t}" + ("s" if sx else "") for r, t, sx in VARIANTS] \
+                if variants and bits in VARIANT_BITS else []
+            for name in [*names, *configs]:
+                build_gemv(out, name, bits, n, k, variant_config(name))
     build_gemv(out, "vulkan", *FLOOR)
     log.info("GEMV plans in %.0f s", time.perf_counter() - t0)
-    build_models(out)
+    if models:
+        build_models(out)
 
 
 def build_models(out: Path) -> None:
@@ -204,11 +225,14 @@ def _reference(fmt, params: dict, x: np.ndarray, n: int, k: int) -> np.ndarray:
 
 
 def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100, rounds: int = 5,
-             save=lambda: None) -> None:
+             save=lambda: None, bits_list=BITS, interleave: int = 0) -> None:
+    """Check and time every GEMV plan under ``root``.  ``interleave`` > 0: the kernels of one width and
+    shape timed in turns, ``interleave`` times one round each (start rotated each turn), the GPU shared
+    with others: a kernel's rows get the median and the minimum of its turns (``us_gpu_min``)."""
     from bench.gpu.decode import load_specs, random_params  # noqa: PLC0415
     from qcompile.runtime import vulkan  # noqa: PLC0415
 
-    for bits, n, k in [(b, n, k) for b in BITS for n, k in SHAPES] + [FLOOR]:
+    for bits, n, k in [(b, n, k) for b in bits_list for n, k in SHAPES] + [FLOOR]:
         fmt = _fmt(bits)
         arts = sorted(a for a in root.glob(f"*_b{bits}_n{n}_k{k}") if a.is_dir())
         if not arts:
@@ -218,34 +242,59 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
         ref = _reference(fmt, params, x, n, k)
         nbytes = _gemv_bytes(fmt, n, k)
         copies = max(1, math.ceil(CACHE_BYTES / nbytes))
+        turns = interleave if (bits, n, k) != FLOOR else 0  # the floor's 65536 weight copies: made once
+        sessions = {}
         for art in arts:
             kind = art.name.split("_b")[0]
             try:
                 sess = vulkan.Session(art, device, params=params)
                 (y,) = sess.run(None, {"x": x})
                 err = _rel(y, ref)
-                seconds = sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=rounds)
+                samples = [] if turns else \
+                    [(sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=rounds), sess.gpu_seconds)]
             except Exception as e:  # noqa: BLE001  (the other kernels still run)
                 log.exception("vulkan gemv %s", art.name)
                 failures.append(f"vulkan gemv {art.name}: {type(e).__name__}: {e}")
                 continue
-            row = {"bits": bits, "N": n, "K": k, "us": seconds * 1e6, "GBps": nbytes / seconds / 1e9,
-                   "encode_us": sess.encode_seconds * 1e6}
-            if sess.gpu_seconds:  # the pass's GPU time (timestamps), barriers between dispatches included
-                row.update(us_gpu=sess.gpu_seconds * 1e6, GBps_gpu=nbytes / sess.gpu_seconds / 1e9)
             results["checks"].append({"kernel": f"vulkan_{kind}", "bits": bits, "N": n, "K": k, "group": GROUP,
                                       "M": 1, "rel_err": err})
             if not err < 1e-5:
                 failures.append(f"vulkan gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
+            sessions[kind] = (sess, err, samples)
+        kinds = list(sessions)
+        for turn in range(turns):
+            for kind in kinds[turn % len(kinds):] + kinds[:turn % len(kinds)]:
+                sess, _, samples = sessions[kind]
+                try:
+                    samples.append((sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=1), sess.gpu_seconds))
+                except Exception as e:  # noqa: BLE001
+                    log.exception("vulkan gemv %s", kind)
+                    failures.append(f"vulkan gemv {kind} b{bits} {n}x{k}: {type(e).__name__}: {e}")
+        for kind, (sess, err, samples) in sessions.items():
+            if not samples:
+                continue
+            wall = float(np.median([w for w, _ in samples]))
+            row = {"bits": bits, "N": n, "K": k, "us": wall * 1e6, "GBps": nbytes / wall / 1e9,
+                   "encode_us": sess.encode_seconds * 1e6}
+            gpu = [g for _, g in samples if g]
+            if gpu:  # the pass's GPU time (timestamps), barriers between dispatches included
+                row.update(us_gpu=float(np.median(gpu)) * 1e6, GBps_gpu=nbytes / float(np.median(gpu)) / 1e9)
+            if turns:
+                row.update(us_min=min(w for w, _ in samples) * 1e6, turns=len(samples))
+                if gpu:
+                    row.update(us_gpu_min=min(gpu) * 1e6, GBps_gpu_max=nbytes / min(gpu) / 1e9,
+                               us_gpu_turns=[round(g * 1e6, 2) for g in gpu])
             if (bits, n, k) == FLOOR:
-                results["gemv_variants"].append({"config": "vulkan_dispatch_floor", **row})
+                results["gemv_variants"].append({"config": "vulkan_dispatch_floor" if kind == "vulkan"
+                                                 else f"vulkan_{kind}_dispatch_floor", **row})
             elif kind in ("vulkan", "dlight"):
                 results["gemv"].append({"target": "vulkan" if kind == "vulkan" else "vulkan_dlight", **row})
             else:
                 results["gemv_variants"].append({"config": f"vulkan_{kind}", **row})
-            log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s (GPU clock %s us)  err %.2g", kind,
-                     bits, n, k, row["us"], row["GBps"], round(row.get("us_gpu", float("nan")), 1), err)
-            del sess
+            log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s (GPU clock %s us, min %s)  err %.2g", kind,
+                     bits, n, k, row["us"], row["GBps"], round(row.get("us_gpu", float("nan")), 1),
+                     round(row.get("us_gpu_min", float("nan")), 1), err)
+        del sessions
         save()
 
 
@@ -253,6 +302,8 @@ def run_models(root: Path, device, results: dict, failures: list) -> None:
     """The test models on NVIDIA's Vulkan against the x86 build of the same weights."""
     from qcompile.runtime import vulkan  # noqa: PLC0415
 
+    if not (root / "model_refs.npz").exists():  # built with --no-models
+        return
     refs = np.load(root / "model_refs.npz")
     for name in MODELS:
         for bpw in MODEL_BPW:
@@ -289,14 +340,16 @@ def device_or_none(failures: list):
         return None
 
 
-def run(root: Path, results: dict, failures: list, device=None, save=lambda: None) -> None:
+def run(root: Path, results: dict, failures: list, device=None, save=lambda: None, bits_list=BITS,
+        interleave: int = 0) -> None:
     for key in ("gemv", "gemv_variants", "checks", "vulkan_models"):
         results.setdefault(key, [])
     if device is None:
         return
     results["vulkan_device"] = {k: str(v) for k, v in dict(device.adapter.info).items()}
     for what, fn in (("models", lambda: run_models(root, device, results, failures)),
-                     ("gemv", lambda: run_gemv(root, device, results, failures, save=save))):
+                     ("gemv", lambda: run_gemv(root, device, results, failures, save=save, bits_list=bits_list,
+                                                       interleave=interleave))):
         try:
             fn()
         except Exception as e:  # noqa: BLE001
@@ -305,15 +358,47 @@ def run(root: Path, results: dict, failures: list, device=None, save=lambda: Non
         save()
 
 
+def table(results: dict) -> str:
+    """GEMV times per width and shape, one line per kernel (GPU clock, then wall), fastest first."""
+    rows = [(r["bits"], r["N"], r["K"], r.get("config", r.get("target")), r) for r in
+            results.get("gemv", []) + results.get("gemv_variants", [])]
+    lines = []
+    for bits, n, k, name, r in sorted(rows, key=lambda t: (t[0], t[1], t[2], t[4].get("us_gpu", t[4]["us"]))):
+        lines.append(f"b{bits} {n:5d}x{k:<5d} {name:28s} gpu {r.get('us_gpu', float('nan')):7.2f} us "
+                     f"(min {r.get('us_gpu_min', float('nan')):7.2f}) "
+                     f"{r.get('GBps_gpu', float('nan')):6.0f} GB/s   wall {r['us']:7.2f} us {r['GBps']:6.0f} GB/s")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("step", choices=("build",))
+    ap.add_argument("step", choices=("build", "run"))
     ap.add_argument("--dir", type=Path, default=Path(".gpu/vulkan"))
     ap.add_argument("--variants", action="store_true", help="also the GEMV launch-shape variants (tuning)")
+    ap.add_argument("--bits", default=",".join(map(str, BITS)), help="widths, comma-separated (run: in this order)")
+    ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="build: NxK, comma-separated")
+    ap.add_argument("--configs", default="",
+                    help="build: GEMV variant names r<rows>t<threads>[s][-flags], comma-separated")
+    ap.add_argument("--no-dlight", action="store_true", help="build: without the dlight GEMV baselines")
+    ap.add_argument("--no-models", action="store_true", help="build: without the test models")
+    ap.add_argument("--json", type=Path, help="run: where the results go")
+    ap.add_argument("--interleave", type=int, default=0, help="run: time the kernels of a shape in turns, so many")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
-    build(args.dir, args.variants)  # run: python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
-    return 0
+    if args.step == "build":  # also run by python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
+        shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
+        build(args.dir, args.variants, [int(b) for b in args.bits.split(",")], shapes,
+              [c for c in args.configs.split(",") if c], not args.no_dlight, not args.no_models)
+        return 0
+    results, failures = {}, []
+    save = (lambda: args.json.write_text(json.dumps({**results, "failures": failures}, indent=1))) if args.json \
+        else (lambda: None)
+    run(args.dir, results, failures, device_or_none(failures), save, [int(b) for b in args.bits.split(",")],
+        args.interleave)
+    print(table(results))
+    for f in failures:
+        print("FAILED:", f)
+    return 1 if failures else 0
 
 
 if __name__ == "__main__":
