@@ -473,28 +473,11 @@ def dequant_matmul_f16(fmt: WeightFormat, k: int, n: int):
     float32 sums), M symbolic: for dlight's tensor-core rule (``gpu.Matmul`` -> wmma), to compare."""
     from tvm import te, tirx  # noqa: PLC0415
 
-    planes, g = fmt.planes, fmt.group_size
+    from .kernels import te_operands  # noqa: PLC0415
+
+    g = fmt.group_size
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
-    m = tirx.Var("m", "int64")
-    p0 = planes[0]
-    p1 = planes[1] if len(planes) > 1 else planes[0]
-    x = te.placeholder((m, i64(k)), "float32", name="x")
-    w0 = te.placeholder((i64(n), i64(k * p0 // 32)), "uint32", name="w0")
-    w1 = te.placeholder((i64(n), i64(k * p1 // 32)), "uint32", name="w1")
-    s = te.placeholder((i64(n), i64(k // g)), "float16", name="s")
-    z = te.placeholder((i64(n), i64(k // g)), "float16", name="z")
-    ws = (w0, w1)[: len(planes)]
-
-    def code(nn, kk):
-        expr, shift = None, 0
-        for w, pb in zip(ws, planes):
-            part = (w[nn, kk * pb // 32] >> ((kk * pb) % 32).astype("uint32")) & tirx.const((1 << pb) - 1, "uint32")
-            if shift:
-                part = part << tirx.const(shift, "uint32")
-            expr = part if expr is None else expr | part
-            shift += pb
-        return expr
-
+    m, (x, w0, w1, s, z), code = te_operands(fmt, k, n)
     x16 = te.compute((m, i64(k)), lambda i, j: x[i, j].astype("float16"), name="x16")
     wd = te.compute((i64(n), i64(k)), lambda nn, kk: (code(nn, kk).astype("float32") * s[nn, kk // g].astype("float32")
                                                       + z[nn, kk // g].astype("float32")).astype("float16"),

@@ -47,17 +47,12 @@ def reference_matmul(x: np.ndarray, w_deq: np.ndarray) -> np.ndarray:
     return x.astype(np.float32) @ w_deq.T
 
 
-def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
-    """Unscheduled TIR (from TE) ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T``, M symbolic (or ``rows``).
-
-    Arguments: x (float32 [M, K]), planes (uint32 [N, K*pb/32] each; a 1-plane format passes its plane
-    twice), scales, zeros (float16 [N, K/g]), y (float32 [M, N]).  numpy: ``x @ fmt.dequantize(q).T``.
-    """
+def te_operands(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
+    """The TE placeholders of a quantized matmul (x, w0, w1, s, z; M symbolic or ``rows``) and
+    ``code(n, k)``: the integer code of W[n, k] from its planes (canonical packing)."""
     from tvm import te, tirx  # noqa: PLC0415
 
     planes, g = fmt.planes, fmt.group_size
-    if k % g:
-        raise ValueError(f"dequant_matmul: K={k} must divide by group {g}")
     # every dim int64, like the symbolic M that Relax passes: dlight's Matmul rule rejects index maps
     # that mix int32 and int64 ("Buffer index 512 has dtype int32 ... int64", TVM 0.27)
     i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
@@ -82,6 +77,22 @@ def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
             shift += pb
         return expr
 
+    return m, (x, w0, w1, s, z), code
+
+
+def dequant_matmul(fmt: WeightFormat, k: int, n: int, rows: int | None = None):
+    """Unscheduled TIR (from TE) ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T``, M symbolic (or ``rows``).
+
+    Arguments: x (float32 [M, K]), planes (uint32 [N, K*pb/32] each; a 1-plane format passes its plane
+    twice), scales, zeros (float16 [N, K/g]), y (float32 [M, N]).  numpy: ``x @ fmt.dequantize(q).T``.
+    """
+    from tvm import te, tirx  # noqa: PLC0415
+
+    g = fmt.group_size
+    if k % g:
+        raise ValueError(f"dequant_matmul: K={k} must divide by group {g}")
+    i64 = lambda v: tirx.IntImm("int64", v)  # noqa: E731
+    m, (x, w0, w1, s, z), code = te_operands(fmt, k, n, rows)
     wd = te.compute((i64(n), i64(k)), lambda nn, kk: code(nn, kk).astype("float32") * s[nn, kk // g].astype("float32")
                     + z[nn, kk // g].astype("float32"), name="dequantize")
     r = te.reduce_axis((i64(0), i64(k)), name="k")
