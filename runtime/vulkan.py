@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import struct
+import tempfile
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,7 +92,7 @@ def compile_expr(text: str):
 def request_device(features: tuple[str, ...] = ()):
     """A wgpu device on the Vulkan backend (``WGPU_ADAPTER_NAME`` picks an adapter by name), with the
     adapter's own buffer-size limits."""
-    os.environ.setdefault("XDG_RUNTIME_DIR", "/tmp")  # wgpu-native's loader complains without it
+    os.environ.setdefault("XDG_RUNTIME_DIR", tempfile.gettempdir())  # wgpu-native's loader complains without it
     import wgpu  # noqa: PLC0415
 
     adapters = [a for a in wgpu.gpu.enumerate_adapters_sync() if a.info.get("backend_type") == "Vulkan"]

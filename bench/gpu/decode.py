@@ -34,6 +34,7 @@ import logging
 import re
 import shutil
 import sys
+import tempfile
 import time
 import zlib
 from collections.abc import Mapping
@@ -130,12 +131,13 @@ def load_specs(art: Path) -> dict:
 # ------------------------------------------------------------------------------------------ build
 
 
-def build(out: Path, skip_1b: bool = False, work: Path = Path("/tmp/qcompile-decode")) -> None:
+def build(out: Path, skip_1b: bool = False, work: Path | None = None) -> None:
     """SmolLM2 for CUDA and Vulkan, the 1B model for CUDA, and the SmolLM2 reference."""
     from bench.quality import data  # noqa: PLC0415
     from qcompile.compiler.driver import CompileOptions, compile_model  # noqa: PLC0415
     from qcompile.compiler.frontends import open_gguf  # noqa: PLC0415
 
+    work = work or Path(tempfile.gettempdir()) / "qcompile-decode"  # full artifacts (with params), reused
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     gguf = data._gguf_path()  # noqa: SLF001

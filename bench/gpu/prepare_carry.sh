@@ -31,8 +31,9 @@ wheels() {
 ls .gpu/whl/apache_tvm_ffi-"$ffi"-cp312-*.whl >/dev/null 2>&1 || wheels "apache-tvm-ffi==$ffi"
 ls .gpu/whl/wgpu-*.whl >/dev/null 2>&1 || wheels wgpu==0.32.0 cffi==2.0.0 pycparser rendercanvas==2.7.2
 if ! ls .gpu/gl/libvulkan1_*.deb >/dev/null 2>&1; then
-    o='-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=/tmp/amd64'
-    mkdir -p /tmp/amd64/partial && apt-get $o update -qq &&
+    lists=$(mktemp -d)
+    o="-oAPT::Architecture=amd64 -oAPT::Architectures=amd64 -oDir::State::Lists=$lists"
+    mkdir -p "$lists/partial" && apt-get $o update -qq &&
         (cd .gpu/gl && apt-get $o download libvulkan1 libegl1 libglvnd0 libopengl0 libgl1 libglx0 libgles2)
 fi
 python3 -m bench.gpu.gpu_check build --dir .gpu/build

@@ -39,6 +39,7 @@ import logging
 import math
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -112,7 +113,7 @@ def build_gemv(out: Path, kind: str, bits: int, n: int, k: int, config=None) -> 
         f = kernels.dequant_matmul(fmt, k, n)
     else:
         f = kernels.gemv(fmt, k, n, config)
-    full = Path("/tmp/qcompile-vulkan-gemv") / _name(kind, bits, n, k)
+    full = Path(tempfile.gettempdir()) / "qcompile-vulkan-gemv" / _name(kind, bits, n, k)
     full.mkdir(parents=True, exist_ok=True)
     names = _param_names(fmt)
     files = build_plan(gemv_module(f, fmt, n, k), names, 1, full)
@@ -186,7 +187,7 @@ def build_models(out: Path) -> None:
 
     makers = {"mlp": (mlp_model, (256,)), "convnet": (convnet_model, (16, 20, 20))}
     refs = {}
-    work = Path("/tmp/qcompile-vulkan-models")
+    work = Path(tempfile.gettempdir()) / "qcompile-vulkan-models"
     work.mkdir(parents=True, exist_ok=True)
     for name in MODELS:
         make, shape = makers[name]
