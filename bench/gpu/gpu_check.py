@@ -17,6 +17,8 @@ prepares what travels (.gpu/: runtime-only tvm, the cp312 tvm_ffi wheel, this bu
   the kernel must move: packed codes + fp16 scales + fp16 zeros + float32 x, and float32 y (fp16 W, x,
   y for torch).  Each timing replays a CUDA graph of launches over enough copies of the weights to
   exceed the L2 cache (so the weights come from DRAM), and reports the median over replays;
+- ``floor`` / ``gemv_vs_read``: what one launch can stream (bench/gpu/floor.py): a kernel that only reads
+  each GEMV's bytes, fastest of several launch shapes, timed the same way, and each GEMV row over it;
 - every kernel's output against a float64 numpy reference of the stored weights (and odd shapes,
   batch 3, group 32 for our kernel);
 - the CUDA artifacts (``qcompile --target cuda``) against the x86 build of the same model and against
@@ -108,6 +110,9 @@ def build(out: Path) -> None:
     log.info("kernels.so: %d functions in %.1f s", len(funcs), time.perf_counter() - t0)
     from bench.gpu import gemm_sweep  # noqa: PLC0415
 
+    from bench.gpu import floor  # noqa: PLC0415
+
+    floor.build(out)  # floor.so: pure reads of each GEMV's bytes (what one launch can stream), an empty kernel
     gemm_sweep.build_check(out)  # gemm.so: the quantized matmul as emitted (GEMV, tensor-core GEMM for M > 8)
     _build_models(out)
 
@@ -555,6 +560,13 @@ def run(root: Path, json_paths: list[Path]) -> int:
     kinds_path = root / "gemv_kinds.json"
     _run_gemv(lib, torch, tvm_ffi, timer, results, failures,
               json.loads(kinds_path.read_text()) if kinds_path.is_file() else None)
+    if (root / "floor.json").is_file():  # the floor under the GEMV rows: pure reads of the same bytes
+        from bench.gpu import floor  # noqa: PLC0415
+
+        empty, read = floor.measure(tvm.runtime.load_module(str(root / "floor.so")),
+                                    json.loads((root / "floor.json").read_text()), torch, tvm_ffi, timer)
+        results["floor"] = {"empty": empty, "read": read}
+        results["gemv_vs_read"] = floor.summarize({"read": read, "gemv": results["gemv"]})
     _run_gemm(tvm, root, torch, tvm_ffi, timer, results, failures)
     results["notes"].append("timings: " + ("eager launches (CUDA graph capture failed)" if timer.eager else
                                            "CUDA graph replays of launches over L2-exceeding weight copies"))
@@ -588,6 +600,9 @@ def _summary(results: dict) -> None:
         print("  ".join(line))
     for r in results["gemm"]:
         print(f"gemm {r['target']}:{r['bits']} M={r['M']} {r['N']}x{r['K']}: {r['us']:.1f}us {r['TFLOPs']:.1f} TFLOP/s")
+    for r in results.get("gemv_vs_read", []):
+        print(f"vs read floor {r['target']}:{r['bits']} {r['N']}x{r['K']}: {r['us']:.1f}us / {r['read_us']:.1f}us "
+              f"= {r['us_over_read']:.2f} (read {r['read_GBps']:.0f} GB/s)")
     for m in results["models"]:
         x86 = f"vs x86 {m['rel_err_vs_x86']:.2g} " if "rel_err_vs_x86" in m else ""
         print(f"model {m['model']} {m['bpw']} b{m['batch']}: {x86}vs ORT {m['rel_err_vs_ort_decoded']:.2g}")
