@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .decoding import DecoderMethods
 from .errors import ArtifactError, QCompileError
 from .manifest import MODULE, PARAMS, read_manifest, sha256_file, verify_files
 
@@ -159,7 +160,7 @@ def _check_cuda_arch(root: Path, tvm, target: dict) -> None:
                                 f"recompile with --target cuda:sm_{got}")
 
 
-class Session:
+class Session(DecoderMethods):
     """A loaded artifact.  ``run(output_names, feeds)`` returns a list of numpy arrays.
 
     ``params``: arrays (name -> numpy) to use instead of ``params.safetensors``, which then need not be
@@ -280,28 +281,6 @@ class Session:
             return self._vm[name]
         except Exception:  # noqa: BLE001  (the module raises its own error type for a missing name)
             return None
-
-    def tokenizer(self):
-        """The artifact's ``tokenizers.Tokenizer`` (from its tokenizer.json), or None if it has none."""
-        if "tokenizer.json" not in self.manifest["files"]:
-            return None
-        from tokenizers import Tokenizer  # noqa: PLC0415
-
-        return Tokenizer.from_file(str(self.path / "tokenizer.json"))
-
-    def generator(self):
-        """The session's :class:`~qcompile.runtime.generate.Generator` (a decoder artifact only)."""
-        from .generate import Generator  # noqa: PLC0415
-
-        if self._generator is None:
-            self._generator = Generator(self)
-        return self._generator
-
-    def generate(self, prompt_ids, max_new_tokens: int, sampling=None, stop_ids=(), on_token=None) -> list[int]:
-        """Greedy or sampled decoding with the KV cache (:mod:`qcompile.runtime.generate`)."""
-        from .generate import Sampling  # noqa: PLC0415
-
-        return self.generator().generate(prompt_ids, max_new_tokens, sampling or Sampling(), stop_ids, on_token)
 
     def run(self, output_names: list[str] | None, feeds: dict) -> list[np.ndarray]:
         """Run the model; ``output_names=None`` returns every output in the model's order."""

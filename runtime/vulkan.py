@@ -12,6 +12,12 @@ the plan's expressions: new buffers and bind groups only when a buffer grows.  A
 and the shape set's uniform values, records one command buffer (every dispatch in one compute pass, then
 the outputs copied into one read-back buffer), submits it and maps that buffer once.
 
+``run_device`` keeps tensors on the device (a decoder's KV cache between steps, :mod:`.generate`): it
+takes :class:`DeviceTensor` inputs (copied on the device into the run's input buffers at the start of its
+command buffer) and returns :class:`DeviceTensor` views of the run's output buffers without waiting or
+reading back; a view stays valid until the session's next run (a later use raises), ``.numpy()`` reads
+it back.
+
 int64 tensors live on the device as int32 (WGSL has no 64-bit integers): inputs are narrowed on upload
 (values must fit) and outputs widened on download.
 """
@@ -30,10 +36,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .decoding import DecoderMethods
 from .errors import ArtifactError, QCompileError
 from .manifest import KERNELS_WGSL, PARAMS, PLAN, read_manifest, required_files, verify_files
 
-__all__ = ["Session", "load", "compile_expr", "request_device"]
+__all__ = ["Session", "DeviceTensor", "load", "compile_expr", "request_device"]
 
 log = logging.getLogger(__name__)
 
@@ -229,6 +236,26 @@ class _Program:
         self.read_bytes = max(offset, _READ_ALIGN)
 
 
+class DeviceTensor:
+    """A tensor on the session's device: ``nbytes`` at ``offset`` of ``buffer``, ``shape``, the model's
+    ``dtype`` and the device's (int64 is int32 there).  Made by :meth:`Session.device_tensor` (it owns
+    its buffer) or returned by :meth:`Session.run_device` (a view of that run's buffers: ``run`` is the
+    run's number, and the view is valid until the next run)."""
+
+    def __init__(self, sess: Session, buffer, offset: int, shape: tuple, dtype: str, ddtype: str,
+                 run: int | None = None):
+        self.session, self.buffer, self.offset = sess, buffer, offset
+        self.shape, self.dtype, self.ddtype, self.run = tuple(int(d) for d in shape), dtype, ddtype, run
+        self.nbytes = int(np.prod(self.shape)) * np.dtype(ddtype).itemsize
+
+    def numpy(self) -> np.ndarray:
+        """The tensor on the host, in the model's dtype (waits for the run that writes it)."""
+        return self.session.download(self)
+
+    def __repr__(self) -> str:
+        return f"DeviceTensor(shape={list(self.shape)}, dtype={self.dtype}, run={self.run})"
+
+
 class _Pool:
     """Device buffers by slot, each at least as large as asked, grown by doubling (a slot's old buffer
     stays alive as long as bind groups of other shape sets use it)."""
@@ -252,7 +279,7 @@ def _storage_usage():
     return wgpu.BufferUsage.STORAGE | wgpu.BufferUsage.COPY_DST | wgpu.BufferUsage.COPY_SRC
 
 
-class Session:
+class Session(DecoderMethods):
     """A loaded Vulkan artifact: ``run(output_names, feeds)`` returns a list of numpy arrays.
 
     ``params``: arrays (name -> numpy) to use instead of ``params.safetensors``, which then need not be
@@ -289,6 +316,8 @@ class Session:
         self.pool = _Pool(self.device)
         self._programs: OrderedDict = OrderedDict()
         self._bind_groups: dict = {}  # (kernel, buffers and offsets, uniform slot) -> (bind group, buffers)
+        self.runs = 0  # runs submitted (DeviceTensor views of the outputs carry their run's number)
+        self._generator = None
         self.gpu_seconds: float | None = None  # set by time_calls where the device has timestamp queries
         self.encode_seconds: float | None = None  # time_calls: recording one pass (CPU, Python + wgpu)
         log.info("loaded %s: %d plan variants, %d kernels, %d parameter buffers", root, len(self.variants),
@@ -345,23 +374,39 @@ class Session:
         if unknown or missing:
             raise QCompileError(f"{self.path}: inputs do not match the model: expected {names}, "
                                 f"missing {missing}, unknown {unknown}")
-        arrays, env = [], {}
-        for spec, plan_spec in zip(self.inputs, self.input_specs):
-            a = np.asarray(feeds[spec.name])
-            if a.dtype != np.dtype(spec.dtype):
-                raise QCompileError(f"{self.path}: input {spec.name!r} expects dtype {spec.dtype}, found {a.dtype}")
-            if a.ndim != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, a.shape)):
+        return self._check_values([np.asarray(feeds[n]) for n in names])
+
+    def _check_values(self, values: list) -> tuple[list, dict]:
+        """Inputs in the model's order (numpy arrays, narrowed here to the device's dtypes, or this
+        session's live DeviceTensors) checked against the model, and the symbolic dims they bind."""
+        out, env = [], {}
+        for spec, v in zip(self.inputs, values):
+            if isinstance(v, DeviceTensor):
+                self._check_live(v, f"input {spec.name!r}")
+            else:
+                v = np.asarray(v)
+            dtype, shape = np.dtype(v.dtype), tuple(v.shape)
+            if dtype != np.dtype(spec.dtype):
+                raise QCompileError(f"{self.path}: input {spec.name!r} expects dtype {spec.dtype}, found {dtype}")
+            if len(shape) != len(spec.shape) or any(isinstance(d, int) and d != s for d, s in zip(spec.shape, shape)):
                 raise QCompileError(f"{self.path}: input {spec.name!r} expects shape {list(spec.shape)}, "
-                                    f"found {list(a.shape)}")
-            arrays.append(self._to_device(a, f"input {spec.name!r}"))
+                                    f"found {list(shape)}")
+            out.append(v if isinstance(v, DeviceTensor) else self._to_device(v, f"input {spec.name!r}"))
         for name, (i, d) in self.plan["variants"][-1]["shape_vars"].items():
-            env[name] = int(arrays[i].shape[d])
-        for spec, a in zip(self.input_specs, arrays):  # dims that are expressions of the bound ones
+            env[name] = int(out[i].shape[d])
+        for spec, v in zip(self.input_specs, out):  # dims that are expressions of the bound ones
             want = [self.exprs(d, env) for d in spec["shape"]]
-            if list(a.shape) != want:
-                raise QCompileError(f"{self.path}: input {spec['name']!r} has shape {list(a.shape)}, the other "
+            if list(v.shape) != want:
+                raise QCompileError(f"{self.path}: input {spec['name']!r} has shape {list(v.shape)}, the other "
                                     f"inputs make it {want}")
-        return arrays, env
+        return out, env
+
+    def _check_live(self, t: DeviceTensor, what: str) -> None:
+        if t.session is not self:
+            raise QCompileError(f"{self.path}: {what} is a device tensor of another session ({t.session.path})")
+        if t.run is not None and t.run != self.runs:
+            raise QCompileError(f"{self.path}: {what} is an output of run {t.run}, overwritten by run {self.runs}: "
+                                f"outputs of run_device stay valid until the next run (call .numpy() to keep one)")
 
     def bind_group(self, variant: _Variant, kernel: dict, bound: tuple, pod_offset: int):
         """The bind group of ``kernel`` over ``bound`` ((buffer, offset) per binding, each to the buffer's
@@ -379,13 +424,59 @@ class Session:
             hit = self._bind_groups[key] = (group, [b for b, _ in bound])
         return hit[0]
 
-    def _write(self, prog: _Program, arrays: list[np.ndarray]) -> None:
-        """A run's uploads: the inputs and the shape set's uniform values."""
+    def _write(self, prog: _Program, values: list, encoder=None) -> None:
+        """A run's uploads: the uniform values of its shape set and the inputs: numpy arrays written
+        through the queue, device tensors copied into the input buffers by ``encoder`` (first in the
+        run's command buffer: before any dispatch overwrites the run they came from)."""
         queue = self.device.queue
-        for buf, a in zip(prog.inputs, arrays):
-            if a.nbytes:
-                queue.write_buffer(buf, 0, _padded(a))
+        for buf, v in zip(prog.inputs, values):
+            if isinstance(v, DeviceTensor):
+                size = min(-(-v.nbytes // 4) * 4, v.buffer.size - v.offset)
+                if size and v.buffer is not buf:
+                    encoder.copy_buffer_to_buffer(v.buffer, v.offset, buf, 0, size)
+            elif v.nbytes:
+                queue.write_buffer(buf, 0, _padded(v))
         queue.write_buffer(prog.variant.uniform, 0, prog.pods)
+
+    def device_tensor(self, a: np.ndarray) -> DeviceTensor:
+        """``a`` uploaded into a buffer of its own (for :meth:`run_device`)."""
+        a = np.asarray(a)
+        d = self._to_device(a, "a device tensor")
+        buf = self.device.create_buffer_with_data(data=_padded(d), usage=_storage_usage())
+        return DeviceTensor(self, buf, 0, a.shape, str(a.dtype), str(d.dtype))
+
+    def run_device(self, args: list) -> list[DeviceTensor]:
+        """Run on inputs in the model's order (DeviceTensors or numpy arrays); returns the outputs as
+        DeviceTensors without waiting for the run (valid until the next run)."""
+        if len(args) != len(self.inputs):
+            raise QCompileError(f"{self.path}: expected {len(self.inputs)} inputs, got {len(args)}")
+        values, env = self._check_values(list(args))
+        prog = self._program(env)
+        encoder = self.device.create_command_encoder()
+        self._write(prog, values, encoder)
+        self._encode(encoder, prog)
+        self.device.queue.submit([encoder.finish()])
+        self.runs += 1
+        return [DeviceTensor(self, src, offset, shape, dtype, ddtype, self.runs)
+                for src, offset, _size, _at, shape, ddtype, dtype, _nbytes in prog.outputs]
+
+    def download(self, t: DeviceTensor) -> np.ndarray:
+        """``t`` on the host in the model's dtype (one copy into the read-back buffer, one mapping)."""
+        import wgpu  # noqa: PLC0415
+
+        self._check_live(t, "the tensor")
+        if not t.nbytes:
+            return np.zeros(t.shape, t.dtype)
+        size = min(-(-t.nbytes // 4) * 4, t.buffer.size - t.offset)
+        read = self.pool.get("read", size, wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
+        encoder = self.device.create_command_encoder()
+        encoder.copy_buffer_to_buffer(t.buffer, t.offset, read, 0, size)
+        self.device.queue.submit([encoder.finish()])
+        read.map_sync(wgpu.MapMode.READ, 0, size)
+        data = np.frombuffer(read.read_mapped(0, size), np.uint8)[:t.nbytes].view(t.ddtype).reshape(t.shape)
+        out = data.astype(t.dtype) if t.ddtype != t.dtype else data.copy()
+        read.unmap()
+        return out
 
     def _program(self, env: dict) -> _Program:
         key = tuple(sorted(env.items()))
@@ -405,13 +496,14 @@ class Session:
 
         arrays, env = self._bind(feeds)
         prog = self._program(env)
-        self._write(prog, arrays)
         read = self.pool.get("read", prog.read_bytes, wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         encoder = self.device.create_command_encoder()
+        self._write(prog, arrays, encoder)
         self._encode(encoder, prog)
         for src, offset, size, at, *_ in prog.outputs:
             encoder.copy_buffer_to_buffer(src, offset, read, at, size)
         self.device.queue.submit([encoder.finish()])
+        self.runs += 1
         read.map_sync(wgpu.MapMode.READ, 0, prog.read_bytes)  # one mapping for every output
         raw = np.frombuffer(read.read_mapped(0, prog.read_bytes), np.uint8)
         read.unmap()
@@ -443,6 +535,7 @@ class Session:
         arrays, env = self._bind(feeds)
         prog = self._program(env)
         self._write(prog, arrays)
+        self.runs += 1  # (the passes below overwrite what earlier runs' outputs view)
         variants = [prog.bind_groups] + [self._rebind(prog, self._copy_fixed()) for _ in range(copies - 1)]
         src, offset = prog.outputs[0][:2]
         read = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
@@ -490,6 +583,7 @@ class Session:
         arrays, env = self._bind(feeds)
         prog = self._program(env)
         self._write(prog, arrays)
+        self.runs += 1  # (the passes below overwrite what earlier runs' outputs view)
         src, offset = prog.outputs[0][:2]
         read = self.device.create_buffer(size=16, usage=wgpu.BufferUsage.MAP_READ | wgpu.BufferUsage.COPY_DST)
         out = []

@@ -125,6 +125,45 @@ def test_vulkan_decoder_on_generated_params_matches_onnxruntime(decoder, tmp_pat
 
 
 @needs_vulkan
+def test_vulkan_generate_keeps_the_cache_on_the_device(decoder, tmp_path):
+    """The Vulkan session's generate (run_device: the cache stays in device buffers, copied on the device
+    into the next step's inputs) gives the tokens of step-by-step ``run`` with host arrays, which match
+    onnxruntime's logits; an output used after a later run is refused."""
+    from qcompile.runtime import QCompileError, vulkan
+
+    model, d = decoder
+    full = compile_model(d / "tiny.onnx", tmp_path / "v.qcm", CompileOptions(target="vulkan", bpw=4.25,
+                                                                               min_weights=1024)).path
+    ref = gpu_decode.reference(model, full, steps=3)  # on generated parameters
+    art = gpu_decode.strip_artifact(full, tmp_path / "strip" / "tiny.vulkan.qcm")
+    sess = vulkan.Session(art, params=gpu_decode.random_params(gpu_decode.load_specs(art)))
+    tokens = sess.generate(ref["prompt"].tolist(), 4)
+    assert tokens == ref["tokens"][:4].tolist()
+    past_names = [i.name for i in sess.inputs if i.name.startswith("past_key_values")]
+    past = {n: np.zeros((1, CONFIG.num_kv_heads, 0, CONFIG.head_dim), np.float32) for n in past_names}
+    ids, host = ref["prompt"][None], []
+    for _ in range(4):
+        outs = sess.run(None, {"input_ids": ids, **past})
+        past = dict(zip(past_names, outs[1:]))
+        host.append(int(np.argmax(outs[0][0, -1])))
+        ids = np.array([[host[-1]]], np.int64)
+    assert host == tokens
+    # device tensors: the same logits and cache as the host path, step by step
+    dev_past = [sess.device_tensor(np.zeros((1, CONFIG.num_kv_heads, 0, CONFIG.head_dim), np.float32))
+                for _ in past_names]
+    first = sess.run_device([sess.device_tensor(ref["prompt"][None]), *dev_past])
+    logits = first[0].numpy()
+    assert gpu_decode._rel(logits[0, -1], ref["logits"][0]) < 1e-5
+    second = sess.run_device([np.array([[tokens[0]]], np.int64), *first[1:]])
+    assert second[1].shape == (1, CONFIG.num_kv_heads, len(ref["prompt"]) + 1, CONFIG.head_dim)
+    assert gpu_decode._rel(second[0].numpy()[0, -1], ref["logits"][1]) < 1e-5
+    with pytest.raises(QCompileError, match="overwritten by run"):
+        first[0].numpy()
+    with pytest.raises(QCompileError, match="overwritten by run"):
+        sess.run_device([np.array([[tokens[1]]], np.int64), *first[1:]])
+
+
+@needs_vulkan
 @pytest.mark.parametrize("bits, n, k, config", [(2, 40, 256, None), (3, 36, 256, (4, 64)), (4, 100, 384, None),
                                                 (5, 17, 256, (16, 64)), (6, 20, 512, (4, 64)), (8, 64, 128, (8, 32)), (4, 50, 4096, (8, 64, False)),
                                                 # GemvConfig flags: split_reduce, inplace, early
