@@ -94,6 +94,13 @@ def compile_expr(text: str):
     return build(tree)
 
 
+def expr_names(text: str) -> frozenset[str]:
+    """The symbolic dims a plan expression reads."""
+    tree = ast.parse(str(text), mode="eval")
+    calls = {id(n.func) for n in ast.walk(tree) if isinstance(n, ast.Call)}
+    return frozenset(n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and id(n) not in calls)
+
+
 # -- device ---------------------------------------------------------------------------------------------
 
 def request_device(features: tuple[str, ...] = ()):
@@ -162,6 +169,10 @@ class _Variant:
                 compute={"module": module, "entry_point": k["name"]}, label=k["id"])
             self.layouts[k["id"]] = layout
             self.pipelines.append(pipeline)
+        # the dims each call's grid, uniform values and binding offsets read (a program for new dims
+        # recomputes only the calls that read a changed one)
+        self.deps = [frozenset().union(*(expr_names(e) for e in (*c["grid"], *c["pod"], *(o for _, o in c["bindings"]))))
+                     for c in plan["calls"]]
         # uniform values of every call at its slot of one buffer, rewritten for the shape set of each run
         self.slot = max(dev.limits["min-uniform-buffer-offset-alignment"], 16)
         self.uniform = dev.create_buffer(size=self.slot * max(1, len(plan["calls"])),
@@ -170,9 +181,10 @@ class _Variant:
 
 class _Program:
     """What one set of input shapes needs: buffers (from the session's pool), uniform values, dispatches
-    with their (cached) bind groups, where each output lies in the read-back buffer."""
+    with their (cached) bind groups, where each output lies in the read-back buffer.  Made from ``base``
+    (the variant's last program) where a call reads no dim that changed and binds the same buffers."""
 
-    def __init__(self, sess: Session, variant: _Variant, env: dict):
+    def __init__(self, sess: Session, variant: _Variant, env: dict, base: _Program | None = None):
         dev, plan, dtypes = sess.device, variant.plan, sess.plan
         self.variant, self.env = variant, env
         vid = id(variant)
@@ -199,12 +211,18 @@ class _Program:
         calls = plan["calls"]
         slot = variant.slot
         pods = bytearray(slot * max(1, len(calls)))
-        self.dispatches = []
-        self.bind_groups = []
+        same = base is not None and base.variant is variant
+        changed = {k for k in set(env) | set(base.env) if env.get(k) != base.env.get(k)} if same else set()
+        self.entries = []  # per call: (dispatch, bind group entry), or None where its grid is empty
         for c_i, call in enumerate(calls):
+            if same and not variant.deps[c_i] & changed and all(buffers[b] is base.buffers[b] for b, _ in call["bindings"]):
+                self.entries.append(base.entries[c_i])  # nothing it reads changed: reuse
+                pods[c_i * slot:(c_i + 1) * slot] = base.pods[c_i * slot:(c_i + 1) * slot]
+                continue
             kernel = variant.kernels[call["kernel"]]
             gx, gy = (sess.exprs(g, env) for g in call["grid"])
             if gx <= 0 or gy <= 0:
+                self.entries.append(None)
                 continue
             if gy > max_dim:
                 raise QCompileError(f"{sess.path}: kernel {kernel['name']} needs {gy} workgroups in y (limit {max_dim})")
@@ -220,8 +238,10 @@ class _Program:
             bound = tuple((buffers[b], sess.exprs(offset, env))
                           for (b, offset), _a in zip(call["bindings"], kernel["bindings"]))
             pipeline = variant.pipelines[call["kernel"]]
-            self.dispatches.append((pipeline, kernel, bound, c_i * slot, (x, gy, gz)))
-            self.bind_groups.append((pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz)))
+            self.entries.append(((pipeline, kernel, bound, c_i * slot, (x, gy, gz)),
+                                 (pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz))))
+        self.dispatches = [e[0] for e in self.entries if e is not None]
+        self.bind_groups = [e[1] for e in self.entries if e is not None]
         self.pods = bytes(pods)
         self.outputs = []
         offset = 0
@@ -316,6 +336,7 @@ class Session(DecoderMethods):
         self.pool = _Pool(self.device)
         self._programs: OrderedDict = OrderedDict()
         self._bind_groups: dict = {}  # (kernel, buffers and offsets, uniform slot) -> (bind group, buffers)
+        self._last: dict = {}  # variant id -> its last program made (the base of the next)
         self.runs = 0  # runs submitted (DeviceTensor views of the outputs carry their run's number)
         self._generator = None
         self.gpu_seconds: float | None = None  # set by time_calls where the device has timestamp queries
@@ -483,7 +504,8 @@ class Session(DecoderMethods):
         prog = self._programs.get(key)
         if prog is None:
             variant = next(v for v in self.variants if all(env.get(k) == x for k, x in v.when.items()))
-            prog = self._programs[key] = _Program(self, variant, env)
+            prog = self._programs[key] = _Program(self, variant, env, self._last.get(id(variant)))
+            self._last[id(variant)] = prog
             while len(self._programs) > _SHAPE_SETS:
                 self._programs.popitem(last=False)
         else:
