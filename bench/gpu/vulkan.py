@@ -16,11 +16,17 @@ GEMV kernels (``kind``), each a one-call plan ``y[1, N] = x[1, K] @ dequantize(W
   plans use it), and with ``build --variants`` ``r{rows}t{threads}[s][-flags]`` variants of it at 2 and 4
   bits (s: x staged in workgroup memory; flags: :data:`FLAGS`; bench/gpu/NOTES.md has their timings), or
   those named by ``--configs``;
+- ``int8``: :func:`qcompile.targets.vulkan.kernels_int8.gemv_int8` (int8 activations, ``dot4I8Packed``)
+  with its default launch shape, and with ``build --int8`` ``i8r{rows}t{threads}[e]`` variants of it
+  (checked against the int8 reference: the activations quantized as on x86);
 - a 4 KB GEMV (:data:`FLOOR`): what one dispatch costs.
 
 Only some kernels (tuning): ``build --bits 2,4 --shapes 4096x14336 --configs r8t64s-ri,r8t64s --no-dlight
 --no-models``, then on the GPU machine ``python -m bench.gpu.vulkan run --dir D --interleave 4 --json
 $OUT/x.json`` (the kernels of a width and shape timed in turns: the GPU's clock moves between them).
+The int8 kernels against the float default (bench/results/gpu_vulkan_int8.json): ``build --bits 2,3,4,5,6
+--no-dlight --no-models --int8 i8,i8r8t64,i8r16t64e``, then ``run ... --interleave 3 --reps 1000 --warmup 1.5``:
+with 100 dispatches a pass and no warm-up the H100 stayed at 345-570 MHz, with these at 1980 MHz.
 
 The weights are generated on the GPU machine (random, seeded per name: ``bench.gpu.decode.random_params``),
 since 18 shapes x widths of weights do not travel; every kernel of one width and shape gets the same
@@ -54,6 +60,7 @@ VARIANTS = ((8, 64, False), (4, 64, True), (8, 128, True), (16, 64, True), (4, 1
             (16, 128, True))  # (rows, threads, smem_x), no flags, besides the default (kernels.TUNED)
 VARIANT_BITS = (2, 4)
 FLAGS = {"r": "split_reduce", "i": "inplace", "e": "early"}  # GemvConfig flags in variant names
+INT8 = "i8"  # kind prefix of the int8-activation kernels: "i8" (default config) or "i8r8t64e" (a variant)
 FLOOR = (4, 64, 128)  # (bits, N, K): a GEMV of 4 KB of weights, timed like the others: the cost of a dispatch
 CACHE_BYTES = 256 << 20  # weight copies per timing add up to at least this (H100 L2: 50 MB)
 MODELS = ("mlp", "convnet")
@@ -78,52 +85,61 @@ def _param_names(fmt) -> list[str]:
 # ------------------------------------------------------------------------------------------ build
 
 
-def gemv_module(kernel, fmt, n: int, k: int):
-    """Relax ``main(x[1, K], planes..., scales, zeros) -> y[1, N]``: one call of ``kernel``."""
-    from tvm import relax  # noqa: PLC0415
+def gemv_module(kernel, fmt, n: int, k: int, m: int | None = 1):
+    """Relax ``main(x[M, K], planes..., scales, zeros) -> y[M, N]``: one call of ``kernel``; M = ``m``, or
+    symbolic (``m``) when None."""
+    from tvm import relax, tirx  # noqa: PLC0415
 
     g = fmt.group_size
     bb = relax.BlockBuilder()
-    x = relax.Var("x", relax.TensorType([1, k], "float32"))
+    m = tirx.Var("m", "int64") if m is None else m
+    x = relax.Var("x", relax.TensorType([m, k], "float32"))
     ws = [relax.Var(f"w{i}", relax.TensorType([n, k * pb // 32], "uint32")) for i, pb in enumerate(fmt.planes)]
     s = relax.Var("s", relax.TensorType([n, k // g], "float16"))
     z = relax.Var("z", relax.TensorType([n, k // g], "float16"))
     with bb.function("main", [x, *ws, s, z]):
         gv = bb.add_func(kernel, "gemv")
         with bb.dataflow():
-            y = bb.emit_output(relax.call_tir(gv, [x, ws[0], ws[-1], s, z], relax.TensorType([1, n], "float32")))
+            y = bb.emit_output(relax.call_tir(gv, [x, ws[0], ws[-1], s, z], relax.TensorType([m, n], "float32")))
         bb.emit_func_output(y)
     mod = bb.get()
     mod["main"] = mod["main"].with_attr("num_input", 1)
     return mod
 
 
-def build_gemv(out: Path, kind: str, bits: int, n: int, k: int, config=None) -> Path:
-    """A Vulkan artifact of one GEMV kernel (``kind``), without its weights (``<dir>.params.json``
-    lists them): plan, WGSL, and a manifest naming the generated weights' hash."""
+def build_gemv(out: Path, kind: str, bits: int, n: int, k: int, config=None, group: int = GROUP,
+               m: int | None = 1) -> Path:
+    """A Vulkan artifact of one GEMV kernel (``kind``; ``int8...``: :func:`~qcompile.targets.vulkan.
+    kernels_int8.gemv_int8`), without its weights (``<dir>.params.json`` lists them): plan, WGSL, and a
+    manifest naming the generated weights' hash.  ``m`` None: x has a symbolic number of rows ``m``."""
     from bench.gpu.decode import strip_artifact  # noqa: PLC0415
     from qcompile.runtime.manifest import FORMAT_VERSION, PARAMS, sha256_file  # noqa: PLC0415
     from qcompile.targets.vulkan import kernels  # noqa: PLC0415
     from qcompile.targets.vulkan.build import build_plan  # noqa: PLC0415
 
-    fmt = _fmt(bits)
-    if kind == "dlight":
+    fmt = _fmt(bits, group)
+    if kind.startswith(INT8):
+        from qcompile.targets.vulkan.kernels_int8 import gemv_int8  # noqa: PLC0415
+
+        f = gemv_int8(fmt, k, n, config)
+    elif kind == "dlight":
         f = kernels.dequant_matmul(fmt, k, n, 1)
     elif kind == "dlight_symbolic_m":
         f = kernels.dequant_matmul(fmt, k, n)
     else:
         f = kernels.gemv(fmt, k, n, config)
-    full = Path(tempfile.gettempdir()) / "qcompile-vulkan-gemv" / _name(kind, bits, n, k)
+    full = Path(tempfile.gettempdir()) / "qcompile-vulkan-gemv" / (_name(kind, bits, n, k) + ("" if group == GROUP
+                                                                                             else f"_g{group}"))
     full.mkdir(parents=True, exist_ok=True)
     names = _param_names(fmt)
-    files = build_plan(gemv_module(f, fmt, n, k), names, 1, full)
+    files = build_plan(gemv_module(f, fmt, n, k, m), names, 1, full)
     specs = {nm: {"dtype": "uint32", "shape": [n, k * pb // 32]} for nm, pb in zip(names, fmt.planes)}
     specs |= {nm: {"dtype": "float16", "shape": [n, k // fmt.group_size]} for nm in names[-2:]}
     (full / PARAMS).unlink(missing_ok=True)
     manifest = {"format_version": FORMAT_VERSION,
                 "target": {"name": "vulkan", "tvm": {"kind": "webgpu"}, "device": "vulkan", "arch": "any"},
-                "inputs": [{"name": "x", "dtype": "float32", "shape": [1, k]}],
-                "outputs": [{"name": "y", "dtype": "float32", "shape": [1, n]}],
+                "inputs": [{"name": "x", "dtype": "float32", "shape": ["m" if m is None else m, k]}],
+                "outputs": [{"name": "y", "dtype": "float32", "shape": ["m" if m is None else m, n]}],
                 "params": names, "tensors": [], "bpw": {"format": fmt.name},
                 "kernel": {"kind": kind, "config": repr(config) if config else None},
                 "files": {**{f_: sha256_file(full / f_) for f_ in files}, PARAMS: _params_digest(json.dumps(specs))}}
@@ -156,10 +172,26 @@ def variant_config(name: str):
     return GemvConfig(int(match[1]), int(match[2]), bool(match[3]), **{FLAGS[f]: True for f in match[4] or ""})
 
 
+def int8_config(name: str):
+    """The :class:`~qcompile.targets.vulkan.kernels_int8.Int8GemvConfig` of a kind ``i8r{rows}t{threads}[e]``
+    (``i8``: None, the default)."""
+    import re  # noqa: PLC0415
+
+    from qcompile.targets.vulkan.kernels_int8 import Int8GemvConfig  # noqa: PLC0415
+
+    if name == INT8:
+        return None
+    match = re.fullmatch(INT8 + r"r(\d+)t(\d+)(e?)", name)
+    if not match:
+        raise ValueError(f"int8 GEMV variant {name!r}: expected {INT8} or {INT8}r<rows>t<threads>[e]")
+    return Int8GemvConfig(int(match[1]), int(match[2]), bool(match[3]))
+
+
 def build(out: Path, variants: bool = False, bits_list=BITS, shapes=SHAPES, configs=(), dlight: bool = True,
-          models: bool = True) -> None:
+          models: bool = True, int8=()) -> None:
     """GEMV plans (``variants``: also the launch-shape variants, for tuning; ``configs``: variant names
-    built for every width and shape) and the test models."""
+    built for every width and shape; ``int8``: int8 kernel kinds, ``i8`` or ``i8r{rows}t{threads}[e]``)
+    and the test models."""
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     for bits in bits_list:
@@ -173,6 +205,8 @@ def build(out: Path, variants: bool = False, bits_list=BITS, shapes=SHAPES, conf
                 if variants and bits in VARIANT_BITS else []
             for name in [*names, *configs]:
                 build_gemv(out, name, bits, n, k, variant_config(name))
+            for name in int8:
+                build_gemv(out, name, bits, n, k, int8_config(name))
     build_gemv(out, "vulkan", *FLOOR)
     log.info("GEMV plans in %.0f s", time.perf_counter() - t0)
     if models:
@@ -225,11 +259,21 @@ def _reference(fmt, params: dict, x: np.ndarray, n: int, k: int) -> np.ndarray:
     return x.astype(np.float64) @ w.reshape(n, k).T
 
 
+def int8_reference(fmt, params: dict, x: np.ndarray, n: int, k: int) -> np.ndarray:
+    """The int8-activation GEMV in numpy without TVM (the GPU machine has the runtime only): x86's
+    ``quantize_activations`` + ``reference_int8_matmul`` (:func:`bench.gpu.gpu_check.int8_reference`)."""
+    from bench.gpu.gpu_check import int8_reference as ref  # noqa: PLC0415
+
+    planes = [params[f"W.q{i}"] for i in range(len(fmt.planes))]
+    return ref(x, fmt.unpack(planes, (n, k)), params["W.scales"], params["W.zeros"], fmt.group_size)
+
+
 def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100, rounds: int = 5,
-             save=lambda: None, bits_list=BITS, interleave: int = 0) -> None:
+             save=lambda: None, bits_list=BITS, interleave: int = 0, warmup: float = 0.0) -> None:
     """Check and time every GEMV plan under ``root``.  ``interleave`` > 0: the kernels of one width and
     shape timed in turns, ``interleave`` times one round each (start rotated each turn), the GPU shared
-    with others: a kernel's rows get the median and the minimum of its turns (``us_gpu_min``)."""
+    with others: a kernel's rows get the median and the minimum of its turns (``us_gpu_min``).  ``warmup``:
+    seconds of passes of the first kernel before a shape's turns (the GPU raises its clock under load)."""
     from bench.gpu.decode import load_specs, random_params  # noqa: PLC0415
     from qcompile.runtime import vulkan  # noqa: PLC0415
 
@@ -241,6 +285,7 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
         params = random_params(load_specs(arts[0]))
         x = np.random.default_rng(bits * n + k).standard_normal((1, k)).astype(np.float32)
         ref = _reference(fmt, params, x, n, k)
+        ref8 = int8_reference(fmt, params, x, n, k) if any(a.name.startswith(INT8) for a in arts) else None
         nbytes = _gemv_bytes(fmt, n, k)
         copies = max(1, math.ceil(CACHE_BYTES / nbytes))
         turns = interleave if (bits, n, k) != FLOOR else 0  # the floor's 65536 weight copies: made once
@@ -250,7 +295,7 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
             try:
                 sess = vulkan.Session(art, device, params=params)
                 (y,) = sess.run(None, {"x": x})
-                err = _rel(y, ref)
+                err = _rel(y, ref8 if kind.startswith(INT8) else ref)
                 samples = [] if turns else \
                     [(sess.time_calls({"x": x}, reps=reps, copies=copies, rounds=rounds), sess.gpu_seconds)]
             except Exception as e:  # noqa: BLE001  (the other kernels still run)
@@ -258,11 +303,16 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
                 failures.append(f"vulkan gemv {art.name}: {type(e).__name__}: {e}")
                 continue
             results["checks"].append({"kernel": f"vulkan_{kind}", "bits": bits, "N": n, "K": k, "group": GROUP,
-                                      "M": 1, "rel_err": err})
+                                      "M": 1, "rel_err": err, **({"reference": "int8"} if kind.startswith(INT8) else {})})
+            if kind.startswith(INT8):  # how far the int8 activations are from float ones
+                results["checks"][-1]["rel_err_vs_float"] = _rel(y, ref)
             if not err < 1e-5:
                 failures.append(f"vulkan gemv {kind} b{bits} {n}x{k}: rel err {err:.3g}")
             sessions[kind] = (sess, err, samples)
         kinds = list(sessions)
+        t_end = time.perf_counter() + warmup
+        while kinds and turns and time.perf_counter() < t_end:
+            sessions[kinds[0]][0].time_calls({"x": x}, reps=reps, copies=copies, rounds=1)
         for turn in range(turns):
             for kind in kinds[turn % len(kinds):] + kinds[:turn % len(kinds)]:
                 sess, _, samples = sessions[kind]
@@ -342,7 +392,7 @@ def device_or_none(failures: list):
 
 
 def run(root: Path, results: dict, failures: list, device=None, save=lambda: None, bits_list=BITS,
-        interleave: int = 0) -> None:
+        interleave: int = 0, reps: int = 100, warmup: float = 0.0) -> None:
     for key in ("gemv", "gemv_variants", "checks", "vulkan_models"):
         results.setdefault(key, [])
     if device is None:
@@ -350,7 +400,7 @@ def run(root: Path, results: dict, failures: list, device=None, save=lambda: Non
     results["vulkan_device"] = {k: str(v) for k, v in dict(device.adapter.info).items()}
     for what, fn in (("models", lambda: run_models(root, device, results, failures)),
                      ("gemv", lambda: run_gemv(root, device, results, failures, save=save, bits_list=bits_list,
-                                                       interleave=interleave))):
+                                                       interleave=interleave, reps=reps, warmup=warmup))):
         try:
             fn()
         except Exception as e:  # noqa: BLE001
@@ -380,22 +430,28 @@ def main(argv=None) -> int:
     ap.add_argument("--shapes", default=",".join(f"{n}x{k}" for n, k in SHAPES), help="build: NxK, comma-separated")
     ap.add_argument("--configs", default="",
                     help="build: GEMV variant names r<rows>t<threads>[s][-flags], comma-separated")
+    ap.add_argument("--int8", default="",
+                    help=f"build: int8-activation kernels {INT8} (default config) or {INT8}r<rows>t<threads>[e], "
+                         "comma-separated")
     ap.add_argument("--no-dlight", action="store_true", help="build: without the dlight GEMV baselines")
     ap.add_argument("--no-models", action="store_true", help="build: without the test models")
     ap.add_argument("--json", type=Path, help="run: where the results go")
     ap.add_argument("--interleave", type=int, default=0, help="run: time the kernels of a shape in turns, so many")
+    ap.add_argument("--reps", type=int, default=100, help="run: dispatches a timed pass")
+    ap.add_argument("--warmup", type=float, default=0.0, help="run: seconds of load before a shape's turns")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stdout)
     if args.step == "build":  # also run by python -m bench.gpu.decode run (decode and Vulkan), or gpu_check run
         shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
         build(args.dir, args.variants, [int(b) for b in args.bits.split(",")], shapes,
-              [c for c in args.configs.split(",") if c], not args.no_dlight, not args.no_models)
+              [c for c in args.configs.split(",") if c], not args.no_dlight, not args.no_models,
+              [c for c in args.int8.split(",") if c])
         return 0
     results, failures = {}, []
     save = (lambda: args.json.write_text(json.dumps({**results, "failures": failures}, indent=1))) if args.json \
         else (lambda: None)
     run(args.dir, results, failures, device_or_none(failures), save, [int(b) for b in args.bits.split(",")],
-        args.interleave)
+        args.interleave, args.reps, args.warmup)
     print(table(results))
     for f in failures:
         print("FAILED:", f)
