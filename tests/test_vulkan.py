@@ -145,30 +145,58 @@ kv (int64[batch, seq] ids, float[batch, past, 64] past_h) => (float[batch, seq, 
 """
 
 
+def _rel(a, b) -> float:
+    b = np.asarray(b, np.float64)
+    return float(np.linalg.norm(np.asarray(a, np.float64) - b) / max(np.linalg.norm(b), 1e-30))
+
+
 @needs_device
-def test_kv_cache_model_has_a_decode_variant(tmp_path):
-    """A model with a past input gets a batch = sequence = 1 plan (static M: GEMV schedules) beside the
-    general one; prefill and decode steps both match the x86 build."""
+@pytest.mark.parametrize("int8_dot", [False, True])
+def test_kv_cache_model_has_a_decode_variant(tmp_path, monkeypatch, int8_dot):
+    """A model with a past input gets a batch = sequence = 1 plan (static M: GEMV kernels) beside the
+    general one; prefill and decode steps both match the x86 build with the same activation handling.
+
+    With ``int8_dot`` the decode step's quantized matmul is the int8-activation GEMV (as on x86 and CUDA)
+    and matches the x86 int8 build (to 1e-4, or ~1e-3 where an activation sits within the float summation
+    noise of a rounding boundary and is quantized one step apart: the CUDA comparisons' rule); the prefill
+    (the general plan: dlight's float matmul) matches the x86 float build.  (``DECODE_INT8``: the switch
+    that makes int8 decode steps the Vulkan default.)"""
+    import qcompile.targets.vulkan as vulkan_target
+
+    monkeypatch.setattr(vulkan_target, "DECODE_INT8", True)
     model = onnx.parser.parse_model(KV_TEXT)
     rng = np.random.default_rng(3)
     for name, shape in {"E": (100, 64), "Wo": (64, 32)}.items():
         model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
     path = save(model, tmp_path / "kv.onnx")
-    opts = dict(bpw=9, overrides=[("^Wo$", "q4g32")], min_weights=2048, int8_dot=False)
-    art = compile_model(path, tmp_path / "kv.qcm", CompileOptions(target="vulkan", **opts)).path
+    opts = dict(bpw=9, overrides=[("^Wo$", "q4g32")], min_weights=2048)
+    art = compile_model(path, tmp_path / "kv.qcm", CompileOptions(target="vulkan", int8_dot=int8_dot, **opts)).path
     plan = json.loads((art / "plan.json").read_text())
     assert [v["when"] for v in plan["variants"]] == [{"batch": 1, "seq": 1}, {}]
-    assert [t["name"] for t in json.loads((art / "manifest.json").read_text())["tensors"]] == ["Wo"]
+    manifest = json.loads((art / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["tensors"]] == ["Wo"]
+    assert manifest["kernels"]["int8_dot"] is int8_dot
+    assert manifest["kernels"]["decode_step_gemv"] == {"gemv_int8" if int8_dot else "gemv": 1}
     sess = load(art)
-    ref = load(compile_model(path, tmp_path / "x.qcm", CompileOptions(target="x86", **opts)).path)
+    ref_float = load(compile_model(path, tmp_path / "x.qcm", CompileOptions(target="x86", int8_dot=False, **opts)).path)
+    ref_int8 = load(compile_model(path, tmp_path / "x8.qcm", CompileOptions(target="x86", **opts)).path) \
+        if int8_dot else ref_float
     past = np.zeros((1, 0, 64), np.float32)
-    for ids in ([[5, 17, 42]], [[7]], [[9]]):  # prefill, then two decode steps
+    errs = []  # int8: the decode steps' rel err against the x86 int8 build
+    for step, ids in enumerate(([[5, 17, 42]], [[7]], [[9]])):  # prefill, then two decode steps
         feeds = {"ids": np.array(ids, np.int64), "past_h": past}
         y, present = sess.run(None, feeds)
-        y86, present86 = ref.run(None, feeds)
-        np.testing.assert_allclose(y, y86, rtol=1e-4, atol=1e-5 * np.abs(y86).max())
+        y86, present86 = (ref_int8 if step else ref_float).run(None, feeds)
+        if step and int8_dot:
+            errs.append(_rel(y, y86))
+        else:
+            np.testing.assert_allclose(y, y86, rtol=1e-4, atol=1e-5 * np.abs(y86).max())
         np.testing.assert_array_equal(present, present86)
         past = present
+    if int8_dot:  # at most one step a rounding step apart; the int8 activations are visible (vs float)
+        assert sum(not e < 1e-4 for e in errs) <= 1 and max(errs) < 1e-2, errs
+        y_float = ref_float.run(None, {"ids": np.array([[9]], np.int64), "past_h": past[:, :-1]})[0]
+        assert _rel(y, y_float) > 1e-4
     # the prefill ran the general plan, the decode steps the specialized one
     assert sorted(tuple(p.variant.when) for p in sess._programs.values()) == [(), ("batch", "seq"), ("batch", "seq")]
 

@@ -28,8 +28,16 @@ def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
     return TargetSpec("vulkan", dict(TVM_TARGET), "vulkan", "any")
 
 
+# Decode steps of KV-cache models on the int8-activation GEMV where ``int8_dot`` is set, exactly where the x86
+# and CUDA builds quantize activations (:func:`.build.with_gemv_kernels`; 1.14-1.96x faster than the float GEMV
+# on an H100).  Off by default until the float-exact checks of Vulkan decode compile with ``int8_dot=False``
+# or take the int8 tolerance (tests/test_gpu_decode.py: the decoder vs onnxruntime to 1e-5 and the float
+# GEMV in v0; bench/gpu/decode.py: Vulkan logits at FLOAT_TOL); then set it True.
+DECODE_INT8 = False
+
+
 def make_backend(spec: TargetSpec, options) -> "VulkanTarget":
-    return VulkanTarget(spec)
+    return VulkanTarget(spec, int8_dot=options.int8_dot and DECODE_INT8)
 
 
 class VulkanTarget:
@@ -39,9 +47,11 @@ class VulkanTarget:
     decoder_fusion = False  # no WGSL kernels yet for qcompile::RMSNorm/Rotary/GatedAct
     attention_fusion = False  # nor for CausalAttention/CacheUpdate: the unfused graph is lowered
 
-    def __init__(self, spec: TargetSpec):
+    def __init__(self, spec: TargetSpec, int8_dot: bool = True):
         self.spec = spec
+        self.int8_dot = int8_dot  # decode steps: int8 activations where the x86 int8 build has them
         self._signature: tuple[list[str], int] | None = None
+        self._kernels: dict = {}
 
     def lower(self, model):
         """Quantized ONNX ModelProto -> :class:`qcompile.targets.x86.lower.LoweredModel` (GPU kernels)."""
@@ -52,7 +62,11 @@ class VulkanTarget:
         return lowered
 
     def manifest_kernels(self, lowered) -> dict:
-        return {"quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts}
+        """What the manifest says about the kernels; ``decode_step_gemv`` (the GEMV kinds of a KV-cache
+        model's decode-step variant: ``gemv_int8`` / ``gemv``) is filled in by :meth:`build`."""
+        self._kernels = {"int8_dot": self.int8_dot, "quantized_matmuls": lowered.kernels,
+                         "param_layouts": lowered.layouts}
+        return self._kernels
 
     def build(self, mod, out_path: str) -> list[str]:
         """Write kernels.wgsl + plan.json (+ constants.safetensors) beside ``out_path``; return their names."""
@@ -61,4 +75,8 @@ class VulkanTarget:
         if self._signature is None:
             raise RuntimeError("VulkanTarget.build: lower() first (the plan needs the parameter order)")
         names, num_inputs = self._signature
-        return build_plan(mod, names, num_inputs, Path(out_path).parent)
+        counts: dict[str, int] = {}
+        files = build_plan(mod, names, num_inputs, Path(out_path).parent, self.int8_dot, counts)
+        if counts:
+            self._kernels["decode_step_gemv"] = counts
+        return files

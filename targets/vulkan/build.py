@@ -384,35 +384,48 @@ def _plan_variant(mod, param_names: list[str], num_inputs: int, tag: str):
     return plan, sources, constants
 
 
-def with_gemv_kernels(mod):
-    """``mod`` with each quantized matmul (a PrimFunc tagged ``QMATMUL_ATTR`` by .lower) replaced by the
-    hand-scheduled :func:`.kernels.gemv` of the same format and shape: for the decode-step variant,
-    where M = 1 but the kernels were made for a symbolic M (dlight would give them a tiled matmul)."""
+def with_gemv_kernels(mod, int8_dot: bool = True, counts: dict | None = None):
+    """``mod`` with each quantized matmul (a PrimFunc tagged ``QMATMUL_ATTR`` by .lower) replaced by a
+    hand-scheduled GEMV of the same format and shape: for the decode-step variant, where M = 1 but the
+    kernels were made for a symbolic M (dlight would give them a tiled matmul).
+
+    The GEMV is :func:`.kernels_int8.gemv_int8` (int8 activations) exactly where the x86 int8 build
+    quantizes activations too (:func:`qcompile.targets.cuda.lower.uses_int8`: 2-6 bits, N a multiple of
+    8; ``int8_dot``), so a decode step matches the x86 and CUDA builds; it is faster than the float
+    :func:`.kernels.gemv` at every one of those widths on NVIDIA (bench/results/gpu_vulkan_int8.json:
+    1.14-1.96x).  ``counts`` receives how many of each kind."""
     from tvm import tirx  # noqa: PLC0415
 
     from qcompile.passes.formats import PRESETS  # noqa: PLC0415
 
-    from . import kernels  # noqa: PLC0415
+    from ..cuda.lower import uses_int8  # noqa: PLC0415
+    from . import kernels, kernels_int8  # noqa: PLC0415
 
     mod = mod.clone() if hasattr(mod, "clone") else mod
-    swapped = 0
+    counts = {} if counts is None else counts
     for gv, f in list(mod.functions.items()):
         attr = f.attrs.get(kernels.QMATMUL_ATTR) if isinstance(f, tirx.PrimFunc) and f.attrs else None
         if attr is None or str(attr[0]) not in PRESETS:
             continue
-        mod[gv] = kernels.gemv(PRESETS[str(attr[0])], int(attr[1]), int(attr[2]))
-        swapped += 1
-    log.info("decode-step plan: %d quantized matmuls as GEMV kernels", swapped)
+        fmt, k, n = PRESETS[str(attr[0])], int(attr[1]), int(attr[2])
+        if uses_int8(fmt, k, n, int8_dot):
+            mod[gv], kind = kernels_int8.gemv_int8(fmt, k, n), "gemv_int8"
+        else:
+            mod[gv], kind = kernels.gemv(fmt, k, n), "gemv"
+        counts[kind] = counts.get(kind, 0) + 1
+    log.info("decode-step plan: quantized matmuls as GEMV kernels %s", counts)
     return mod
 
 
-def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path) -> list[str]:
+def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path, int8_dot: bool = True,
+               kernel_counts: dict | None = None) -> list[str]:
     """Compile ``mod`` (the lowered Relax module) and write kernels.wgsl, plan.json (and constants.safetensors
     when ``main`` holds constants) into ``out_dir``; returns the file names written.
 
     A model with a KV cache gets two variants: one with batch and sequence fixed to 1 (a decode step:
     static shapes, so dlight picks GEMV schedules for its matmuls) and the general one; the runtime
-    runs the first whose ``when`` holds.
+    runs the first whose ``when`` holds.  ``int8_dot`` and ``kernel_counts``: :func:`with_gemv_kernels`'s
+    (the decode-step variant's GEMV kinds).
     """
     from tvm import relax, tirx  # noqa: PLC0415
 
@@ -421,7 +434,7 @@ def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path
     specs = [({}, mod)]
     if binding:
         bound = relax.transform.BindSymbolicVars({k: tirx.const(v, "int64") for k, v in binding.items()}, "main")
-        specs.insert(0, (binding, with_gemv_kernels(bound(mod))))
+        specs.insert(0, (binding, with_gemv_kernels(bound(mod), int8_dot, kernel_counts)))
     for i, (when, m) in enumerate(specs):
         plan, srcs, consts = _plan_variant(m, param_names, num_inputs, f"v{i}/")
         variants.append({"when": when, **plan})
