@@ -481,17 +481,17 @@ def compile_model(model_path: str | Path, out: str | Path, opts: CompileOptions,
     backend = make_backend(spec, BackendOptions(int8_dot=opts.int8_dot,
                                                 tuning_db=None if opts.tuning_db is None else str(opts.tuning_db)))
     lowered, interface, fusion, cache = lower_model(q, backend, opts)
-    if spec.device == "cuda" and is_decoder(interface):  # greedy tokens chosen on the GPU (runtime.generate)
-        from qcompile.targets.cuda.sampling import add_greedy  # noqa: PLC0415
-
+    decoder_extra = {}
+    if is_decoder(interface) and hasattr(backend, "add_decoder_functions"):  # e.g. CUDA: greedy, decode step
         vocab = interface.graph.output[0].type.tensor_type.shape.dim[-1].dim_value
-        lowered.mod = add_greedy(lowered.mod, vocab)
+        lowered.mod, decoder_extra = backend.add_decoder_functions(lowered.mod, vocab, lowered.num_inputs)
     seconds["lower"] = time.perf_counter() - t0
 
     manifest = build_manifest(interface, spec, opts, q.records, q.targets, lowered, q.float_weights,
                               heads=q.heads, candidates=q.candidates, error_measure=q.error_measure)
     manifest["fusion"] = fusion
     manifest["kernels"] = backend.manifest_kernels(lowered)
+    manifest.update(decoder_extra)
     if cache is not None:
         manifest["kv_cache"] = cache.to_manifest()
     manifest["outliers"] = q.outliers

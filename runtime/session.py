@@ -188,6 +188,7 @@ class Session(DecoderMethods):
         lib = self._load_library(tvm, root / MODULE, self.manifest["files"][MODULE])
         self._vm = vm.VirtualMachine(lib, self._dev)
         self._main = self._vm["main"]
+        self._step, self._step_dims = self._decode_step()
         self._params = self._load_params(root / PARAMS, params)
         # the params as main's trailing arguments: one tuple (manifest "params_as_tuple") or one by one
         if self.manifest.get("params_as_tuple"):
@@ -267,11 +268,28 @@ class Session(DecoderMethods):
         """A TVM tensor on the session's device holding ``a`` (for :meth:`run_device`)."""
         return self._tvm.runtime.tensor(np.ascontiguousarray(a), self._dev)
 
+    def _decode_step(self):
+        """(the module's decode-step function, [(input, axis, size)] its inputs must have), or (None, []):
+        manifest ``decode_step`` (:mod:`qcompile.targets.decode_step`)."""
+        spec = self.manifest.get("decode_step")
+        if not spec:
+            return None, []
+        dims = spec["dims"]
+        checks = [(i, a, dims[d]) for i, inp in enumerate(self.manifest["inputs"])
+                  for a, d in enumerate(inp["shape"]) if isinstance(d, str) and d in dims]
+        try:
+            return self._vm[spec["function"]], checks
+        except Exception as e:  # noqa: BLE001
+            raise ArtifactError(f"{self.path}: the manifest names a decode step {spec['function']!r} that "
+                                f"{MODULE} lacks ({e})") from None
+
     def run_device(self, args: list) -> list:
-        """Run on device tensors in input order; the outputs stay device tensors (no copy to numpy)."""
+        """Run on device tensors in input order; the outputs stay device tensors (no copy to numpy).
+        Inputs with the dims of the decode step (manifest ``decode_step``) run its function."""
         if len(args) != len(self.inputs):
             raise QCompileError(f"{self.path}: expected {len(self.inputs)} inputs, got {len(args)}")
-        result = self._main(*args, *self._param_args)
+        step = self._step is not None and all(args[i].shape[a] == v for i, a, v in self._step_dims)
+        result = (self._step if step else self._main)(*args, *self._param_args)
         return [result] if isinstance(result, self._tvm.runtime.Tensor) else list(result)
 
     def device_function(self, name: str):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -122,6 +123,53 @@ def test_vulkan_decoder_on_generated_params_matches_onnxruntime(decoder, tmp_pat
         past = dict(zip(past_names, outs[1:]))
         assert gpu_decode._rel(outs[0][0, -1], ref["logits"][i]) < 1e-5
         ids = np.array([[ref["tokens"][i]]], np.int64)
+
+
+def test_cuda_decoder_gets_a_decode_step_with_cuda_graphs(decoder, tmp_path):
+    """A CUDA decoder's module has ``decode_step`` (main with batch = seq = 1) whose static parts TVM's
+    RewriteCUDAGraph turns into captured regions (at least one a layer), ``main`` none; the manifest says
+    which function and dims, and the artifact built by the CLI path records the same."""
+    import shutil as sh
+
+    if sh.which("nvcc") is None and not Path("/usr/local/cuda/bin/nvcc").is_file():
+        pytest.skip("building for CUDA needs nvcc")
+    from qcompile.compiler.driver import lower_model, quantize_model
+    from qcompile.targets import BackendOptions, make_backend, resolve_target
+    from qcompile.targets.cuda.build import BuiltSources, build_library
+
+    _, d = decoder
+    opts = CompileOptions(target="cuda", bpw=4.25, min_weights=1024)
+    q = quantize_model(d / "tiny.onnx", opts)
+    backend = make_backend(resolve_target("cuda"), BackendOptions(int8_dot=True))
+    lowered, interface, _, _ = lower_model(q, backend, opts)
+    mod, extra = backend.add_decoder_functions(lowered.mod, CONFIG.vocab_size, lowered.num_inputs)
+    assert extra == {"decode_step": {"function": "decode_step", "dims": {"batch": 1, "seq": 1}, "cuda_graphs": True}}
+    sink = BuiltSources()
+    build_library(mod, {"kind": "cuda", "arch": "sm_90"}, str(tmp_path / "m.so"), sink)
+    assert sink.cuda_graphs["main"] == 0 and sink.cuda_graphs["decode_step"] >= CONFIG.num_layers, sink.cuda_graphs
+    art = compile_model(d / "tiny.onnx", tmp_path / "c.qcm", opts).path
+    assert json.loads((art / "manifest.json").read_text())["decode_step"] == extra["decode_step"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not (Path("/dev/nvidia0").exists() or Path("/dev/nvidiactl").exists()), reason="needs an NVIDIA GPU")
+def test_cuda_decode_step_matches_main_on_the_gpu(decoder, tmp_path):
+    """On the GPU: each decode step through ``decode_step`` (CUDA-graph replays) gives main's logits and
+    cache on the same inputs (1e-5: its static-shape kernels sum in another order), step after step."""
+    _, d = decoder
+    art = compile_model(d / "tiny.onnx", tmp_path / "c.qcm", CompileOptions(target="cuda", bpw=4.25,
+                                                                              min_weights=1024)).path
+    sess = Session(art)
+    gen = sess.generator()
+    past = [sess.device_tensor(a) for a in gen._empty_past(1)]
+    outs = sess.run_device(gen._args(np.array([[5, 6, 7, 8]], np.int64), past, 0))
+    for _ in range(5):
+        past, tok = list(outs[1:]), int(np.argmax(outs[0].numpy()[0, -1]))
+        args = gen._args(np.array([[tok]], np.int64), past, past[0].shape[2])
+        main = [o.numpy() for o in sess._main(*args, *sess._param_args)]
+        outs = sess.run_device(args)  # the decode step
+        for got, want in zip(outs, main):
+            assert gpu_decode._rel(got.numpy(), want) < 1e-5
 
 
 @needs_vulkan

@@ -70,6 +70,17 @@ class CudaTarget:
         return {"int8_dot": self.int8_dot, "quantized_matmuls": lowered.kernels, "param_layouts": lowered.layouts,
                 "device_code": "fatbin (nvcc, SASS sm_{0} + PTX compute_{0})".format(self.spec.tvm["arch"][3:])}
 
+    def add_decoder_functions(self, mod, vocab: int, num_inputs: int):
+        """A decoder's module with ``greedy`` (the token chosen on the GPU, :mod:`.sampling`) and the
+        decode step (:mod:`qcompile.targets.decode_step`: static parts replayed as CUDA graphs), and the
+        manifest keys that say so."""
+        from ..decode_step import DECODE_STEP, add_decode_step  # noqa: PLC0415
+        from .sampling import add_greedy  # noqa: PLC0415
+
+        mod, binding = add_decode_step(add_greedy(mod, vocab), num_inputs)
+        return mod, ({"decode_step": {"function": DECODE_STEP, "dims": binding, "cuda_graphs": True}}
+                     if binding else {})
+
     def build(self, mod, out_path: str) -> None:
         from .build import build_library  # noqa: PLC0415
 

@@ -105,6 +105,7 @@ class BuiltSources:
 
     def __init__(self):
         self.sources: list[str] = []
+        self.cuda_graphs: dict[str, int] = {}  # Relax function -> regions replayed as CUDA graphs
 
 
 @contextlib.contextmanager
@@ -126,8 +127,9 @@ def _nvcc_callback(arch: str, sink: BuiltSources):
             tvm_ffi.register_global_func("tvm_callback_cuda_compile", previous, override=True)
 
 
-def relax_pipeline(target):
-    """TVM's CUDA pipeline (dlight schedules for everything not already scheduled: our kernels are)."""
+def relax_pipeline(target, sink: BuiltSources | None = None):
+    """TVM's CUDA pipeline (dlight schedules for everything not already scheduled: our kernels are);
+    ``sink.cuda_graphs`` gets the number of regions captured as CUDA graphs per function."""
     import tvm  # noqa: PLC0415
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.backend.cuda import pipeline as cuda  # noqa: PLC0415
@@ -148,7 +150,11 @@ def relax_pipeline(target):
                 + cuda.dataflow_lower_passes(target)
                 + cuda.finalize_passes(target)
             )
-            return seq(mod)
+            mod = seq(mod)
+        if sink is not None:
+            sink.cuda_graphs = {gv.name_hint: str(f).count("vm.builtin.cuda_graph.run_or_capture")
+                                for gv, f in mod.functions.items() if isinstance(f, relax.Function)}
+        return mod
 
     return _pipeline
 
@@ -161,8 +167,13 @@ def build_library(mod, tvm_target: dict, out_path: str, sink: BuiltSources | Non
     ensure_cuda_codegen()
     target = tvm.target.Target(tvm_target)
     sink = sink if sink is not None else BuiltSources()
-    with _nvcc_callback(_arch(tvm_target), sink), target:
-        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    from ..decode_step import DECODE_STEP  # noqa: PLC0415
+
+    # a decode step's static parts become CUDA graphs (RewriteCUDAGraph, in TVM's finalize passes)
+    graphs = any(gv.name_hint == DECODE_STEP for gv in mod.get_global_vars())
+    with _nvcc_callback(_arch(tvm_target), sink), target, \
+            tvm.transform.PassContext(config={"relax.backend.use_cuda_graph": graphs}):
+        ex = tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target, sink))
     ex.export_library(out_path)
     log.info("built %s for %s (%d CUDA module(s), %d kernels)", out_path, tvm_target, len(sink.sources),
              sum(s.count("extern \"C\" __global__") for s in sink.sources) // 2)
