@@ -98,13 +98,14 @@ def test_generator_keeps_the_cache_on_the_device(decoder, tmp_path):
 
 @needs_vulkan
 def test_vulkan_decoder_on_generated_params_matches_onnxruntime(decoder, tmp_path):
-    """bench.gpu.decode's check, small: the Vulkan decoder (decode steps on the GEMV plan) with generated
-    parameters against onnxruntime on the same parameters decoded by numpy."""
+    """bench.gpu.decode's check, small: the Vulkan decoder (decode steps on the GEMV plan; float
+    activations, ``int8_dot=False``) with generated parameters against onnxruntime on the same parameters
+    decoded by numpy."""
     from qcompile.runtime import vulkan
 
     model, d = decoder
     full = compile_model(d / "tiny.onnx", tmp_path / "v.qcm", CompileOptions(target="vulkan", bpw=4.25,
-                                                                               min_weights=1024)).path
+                                                                               min_weights=1024, int8_dot=False)).path
     plan = json.loads((full / "plan.json").read_text())
     assert plan["variants"][0]["when"] == {"batch": 1, "seq": 1}
     wgsl = {c.split("\n", 1)[0]: c for c in (full / "kernels.wgsl").read_text().split("// qcompile-kernel: ")[1:]}
@@ -176,12 +177,12 @@ def test_cuda_decode_step_matches_main_on_the_gpu(decoder, tmp_path):
 def test_vulkan_generate_keeps_the_cache_on_the_device(decoder, tmp_path):
     """The Vulkan session's generate (run_device: the cache stays in device buffers, copied on the device
     into the next step's inputs) gives the tokens of step-by-step ``run`` with host arrays, which match
-    onnxruntime's logits; an output used after a later run is refused."""
+    onnxruntime's logits (float activations); an output used after a later run is refused."""
     from qcompile.runtime import QCompileError, vulkan
 
     model, d = decoder
     full = compile_model(d / "tiny.onnx", tmp_path / "v.qcm", CompileOptions(target="vulkan", bpw=4.25,
-                                                                               min_weights=1024)).path
+                                                                               min_weights=1024, int8_dot=False)).path
     ref = gpu_decode.reference(model, full, steps=3)  # on generated parameters
     art = gpu_decode.strip_artifact(full, tmp_path / "strip" / "tiny.vulkan.qcm")
     sess = vulkan.Session(art, params=gpu_decode.random_params(gpu_decode.load_specs(art)))

@@ -152,18 +152,14 @@ def _rel(a, b) -> float:
 
 @needs_device
 @pytest.mark.parametrize("int8_dot", [False, True])
-def test_kv_cache_model_has_a_decode_variant(tmp_path, monkeypatch, int8_dot):
+def test_kv_cache_model_has_a_decode_variant(tmp_path, int8_dot):
     """A model with a past input gets a batch = sequence = 1 plan (static M: GEMV kernels) beside the
     general one; prefill and decode steps both match the x86 build with the same activation handling.
 
     With ``int8_dot`` the decode step's quantized matmul is the int8-activation GEMV (as on x86 and CUDA)
     and matches the x86 int8 build (to 1e-4, or ~1e-3 where an activation sits within the float summation
     noise of a rounding boundary and is quantized one step apart: the CUDA comparisons' rule); the prefill
-    (the general plan: dlight's float matmul) matches the x86 float build.  (``DECODE_INT8``: the switch
-    that makes int8 decode steps the Vulkan default.)"""
-    import qcompile.targets.vulkan as vulkan_target
-
-    monkeypatch.setattr(vulkan_target, "DECODE_INT8", True)
+    (the general plan: dlight's float matmul) matches the x86 float build."""
     model = onnx.parser.parse_model(KV_TEXT)
     rng = np.random.default_rng(3)
     for name, shape in {"E": (100, 64), "Wo": (64, 32)}.items():

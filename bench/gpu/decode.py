@@ -423,6 +423,9 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
            "device": sess.device.adapter.info["device"],
            "how": "runtime.vulkan Session.generate: the KV cache stays in device buffers (run_device), the "
                   "last position's logits read back each step; buffers and bind groups pooled across lengths"}
+    # decode steps on the int8-activation GEMV (as CUDA and x86) where the manifest says so
+    int8 = "gemv_int8" in (sess.manifest["kernels"].get("decode_step_gemv") or {})
+    row.update(int8_activations=int8, decode_step_gemv=sess.manifest["kernels"].get("decode_step_gemv"))
     past_names = [i.name for i in sess.inputs if i.name.startswith("past_key_values")]
     c = model["config"]
     state = {}
@@ -438,7 +441,7 @@ def run_vulkan(root: Path, name: str, model: dict, results: dict, failures: list
     ref_path = root / f"{name}_reference.npz"
     if ref_path.is_file():
         reset()
-        row.update(_check_logits(step, dict(np.load(ref_path)), failures, f"vulkan {name}"))
+        row.update(_check_logits(step, dict(np.load(ref_path)), failures, f"vulkan {name}", INT8_TOL if int8 else FLOAT_TOL))
         ref = dict(np.load(ref_path))
         tokens = sess.generate(ref["prompt"].tolist(), CHECK_STEPS + 1)
         row["greedy_tokens_equal_to_ort"] = int(sum(a == b for a, b in zip(tokens, ref["tokens"])))

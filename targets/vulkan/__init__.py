@@ -28,16 +28,8 @@ def resolve(text: str, tvm_json: dict | None) -> TargetSpec:
     return TargetSpec("vulkan", dict(TVM_TARGET), "vulkan", "any")
 
 
-# Decode steps of KV-cache models on the int8-activation GEMV where ``int8_dot`` is set, exactly where the x86
-# and CUDA builds quantize activations (:func:`.build.with_gemv_kernels`; 1.14-1.96x faster than the float GEMV
-# on an H100).  Off by default until the float-exact checks of Vulkan decode compile with ``int8_dot=False``
-# or take the int8 tolerance (tests/test_gpu_decode.py: the decoder vs onnxruntime to 1e-5 and the float
-# GEMV in v0; bench/gpu/decode.py: Vulkan logits at FLOAT_TOL); then set it True.
-DECODE_INT8 = False
-
-
 def make_backend(spec: TargetSpec, options) -> "VulkanTarget":
-    return VulkanTarget(spec, int8_dot=options.int8_dot and DECODE_INT8)
+    return VulkanTarget(spec, int8_dot=options.int8_dot)
 
 
 class VulkanTarget:

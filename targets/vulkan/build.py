@@ -27,6 +27,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..decode_step import bind_decode_step, decode_binding, is_shape_var
+
 __all__ = ["build_plan", "relax_pipeline", "with_gemv_kernels", "PLAN_FORMAT"]
 
 log = logging.getLogger(__name__)
@@ -110,10 +112,6 @@ def expr_text(e, env: dict[str, str] | None = None) -> str:
     if kind == "Cast":
         return expr_text(e.value, env)
     raise NotImplementedError(f"vulkan plan: cannot express {kind} {e} as a launch or size expression")
-
-
-def _is_var(e) -> bool:
-    return type(e).__name__ in ("Var", "SizeVar")
 
 
 # -- TIR: host launches and WGSL ---------------------------------------------------------------------
@@ -248,7 +246,7 @@ class _Planner:
             if i < self.num_inputs:
                 self.buffers.append({"kind": "input", "index": i})
                 for d, dim in enumerate(shape):
-                    if _is_var(dim) and str(dim.name) not in self.shape_vars:
+                    if is_shape_var(dim) and str(dim.name) not in self.shape_vars:
                         self.shape_vars[str(dim.name)] = [i, d]
                 self.inputs.append({"name": str(p.name), "dtype": str(ty.dtype),
                                     "shape": [expr_text(d) for d in shape]})
@@ -302,7 +300,7 @@ class _Planner:
         for p, (kind, a) in zip(host.params, args):
             if kind == "tensor":
                 for dim, text in zip(p.ty.shape, a["shape"]):
-                    if _is_var(dim):
+                    if is_shape_var(dim):
                         env.setdefault(str(dim.name), text)
             else:
                 env[str(p.name)] = a
@@ -324,17 +322,6 @@ class _Planner:
     def outputs(self, ret) -> list[dict]:
         out = self.value(ret)
         return list(out) if isinstance(out, tuple) else [out]
-
-
-def _decode_binding(mod, num_inputs: int) -> dict[str, int]:
-    """Symbolic dims to specialize to 1 for a decode step: those of the first input (batch, sequence)
-    when the model takes a KV cache (an input named ``past...``); empty otherwise."""
-    main = mod["main"]
-    names = [str(p.name) for p in main.params[:num_inputs]]
-    if not any(n.startswith("past") for n in names):
-        return {}
-    dims = main.params[0].ty.shape.values
-    return {str(d.name): 1 for d in dims if _is_var(d)}
 
 
 def _plan_variant(mod, param_names: list[str], num_inputs: int, tag: str):
@@ -427,14 +414,11 @@ def build_plan(mod, param_names: list[str], num_inputs: int, out_dir: str | Path
     runs the first whose ``when`` holds.  ``int8_dot`` and ``kernel_counts``: :func:`with_gemv_kernels`'s
     (the decode-step variant's GEMV kinds).
     """
-    from tvm import relax, tirx  # noqa: PLC0415
-
     variants, sources, constants = [], [], {}
-    binding = _decode_binding(mod, num_inputs)
+    binding = decode_binding(mod, num_inputs)
     specs = [({}, mod)]
     if binding:
-        bound = relax.transform.BindSymbolicVars({k: tirx.const(v, "int64") for k, v in binding.items()}, "main")
-        specs.insert(0, (binding, with_gemv_kernels(bound(mod), int8_dot, kernel_counts)))
+        specs.insert(0, (binding, with_gemv_kernels(bind_decode_step(mod, binding), int8_dot, kernel_counts)))
     for i, (when, m) in enumerate(specs):
         plan, srcs, consts = _plan_variant(m, param_names, num_inputs, f"v{i}/")
         variants.append({"when": when, **plan})
