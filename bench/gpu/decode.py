@@ -493,7 +493,9 @@ def run_parts(gpu_root: Path, results: dict, failures: list, save=lambda: None) 
         run(dec, results, failures, None, save, targets=("cuda", "torch"))
     device = gpu_vulkan.device_or_none(failures) if vk.is_dir() or any(dec.glob("*.vulkan.qcm")) else None
     if vk.is_dir():
-        gpu_vulkan.run(vk, results, failures, device, save)
+        # kernels of a shape timed in 3 turns after 1.5 s of load (the GPU clock rises under load: H100s sat
+        # at 345-570 MHz otherwise), 1000 dispatches a pass
+        gpu_vulkan.run(vk, results, failures, device, save, interleave=3, reps=1000, warmup=1.5)
     if have_decode and device is not None:  # last: the slowest (a Vulkan step re-creates its bindings)
         run(dec, results, failures, device, save, targets=("vulkan",))
     save()

@@ -187,6 +187,15 @@ def int8_config(name: str):
     return Int8GemvConfig(int(match[1]), int(match[2]), bool(match[3]))
 
 
+def model_int8(bits: int, n: int, k: int) -> bool:
+    """Whether a model's decode step runs this GEMV on the int8 kernel (:func:`qcompile.targets.cuda.lower.
+    uses_int8`: where the x86 int8 build quantizes activations)."""
+    from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
+    from qcompile.targets.cuda.lower import uses_int8  # noqa: PLC0415
+
+    return uses_int8(WeightFormat(bits, GROUP), k, n)
+
+
 def build(out: Path, variants: bool = False, bits_list=BITS, shapes=SHAPES, configs=(), dlight: bool = True,
           models: bool = True, int8=()) -> None:
     """GEMV plans (``variants``: also the launch-shape variants, for tuning; ``configs``: variant names
@@ -205,7 +214,8 @@ def build(out: Path, variants: bool = False, bits_list=BITS, shapes=SHAPES, conf
                 if variants and bits in VARIANT_BITS else []
             for name in [*names, *configs]:
                 build_gemv(out, name, bits, n, k, variant_config(name))
-            for name in int8:
+            # the int8 kernel where a model's decode step gets it (x86 int8 widths), beside the float one
+            for name in dict.fromkeys([*((INT8,) if model_int8(bits, n, k) else ()), *int8]):
                 build_gemv(out, name, bits, n, k, int8_config(name))
     build_gemv(out, "vulkan", *FLOOR)
     log.info("GEMV plans in %.0f s", time.perf_counter() - t0)
@@ -338,10 +348,13 @@ def run_gemv(root: Path, device, results: dict, failures: list, reps: int = 100,
             if (bits, n, k) == FLOOR:
                 results["gemv_variants"].append({"config": "vulkan_dispatch_floor" if kind == "vulkan"
                                                  else f"vulkan_{kind}_dispatch_floor", **row})
-            elif kind in ("vulkan", "dlight"):
-                results["gemv"].append({"target": "vulkan" if kind == "vulkan" else "vulkan_dlight", **row})
-            else:
-                results["gemv_variants"].append({"config": f"vulkan_{kind}", **row})
+            elif kind == (INT8 if INT8 in sessions else "vulkan"):  # the kernel a model's decode step gets
+                results["gemv"].append({"target": "vulkan", "kernel": "gemv_int8" if kind == INT8 else "gemv", **row})
+            elif kind == "dlight":
+                results["gemv"].append({"target": "vulkan_dlight", **row})
+            else:  # with the int8 kernel in the rows, the float one is "vulkan_float"
+                results["gemv_variants"].append({"config": "vulkan_float" if kind == "vulkan" else f"vulkan_{kind}",
+                                                 **row})
             log.info("vulkan gemv %-18s b%d %5dx%-5d %8.1f us %6.0f GB/s (GPU clock %s us, min %s)  err %.2g", kind,
                      bits, n, k, row["us"], row["GBps"], round(row.get("us_gpu", float("nan")), 1),
                      round(row.get("us_gpu_min", float("nan")), 1), err)
