@@ -336,6 +336,12 @@ def run_cuda(root: Path, name: str, model: dict, results: dict, failures: list) 
     gen = sess.generator()
     row.update(tok_s=max(rates), tok_s_runs=rates, prefill_tok_s=gen.stats.prefill_tok_s,
                device_greedy=gen.device_greedy)
+    row["decode_step"] = sess.manifest.get("decode_step")  # CUDA graphs of the step's static parts
+    if sess._step is not None:  # noqa: SLF001  (the same loop on main: a launch per kernel, for comparison)
+        step_fn, sess._step = sess._step, None  # noqa: SLF001
+        sess.generate(prompt, NEW)
+        row["tok_s_without_decode_step"] = gen.stats.decode_tok_s
+        sess._step = step_fn  # noqa: SLF001
     if gen.device_greedy:  # the same loop with the logits brought to the host and argmax there, for comparison
         greedy, gen._greedy = gen._greedy, None  # noqa: SLF001
         sess.generate(prompt, NEW)
