@@ -480,3 +480,34 @@ def test_gpu_gemm_batches_match_the_float_build(tmp_path, batch):
     x = np.random.default_rng(batch).standard_normal((batch, 256)).astype(np.float32)
     got = rt.load(cuda.path).run(None, {"x": x})[0]
     assert _relerr(got, rt.load(x86.path).run(None, {"x": x})[0]) < FP16_TOLERANCE
+
+
+# -- the read floor under the GEMV timings (bench/gpu/floor.py) -------------------------------------
+
+
+@needs_nvcc
+def test_read_floor_kernels_and_summary():
+    """The floor's read kernels cover each GEMV's bytes with 16-byte loads (the launch kept by a runtime
+    condition), and the summary puts each GEMV over the fastest read of its bytes."""
+    import tvm
+
+    from bench.gpu import floor
+    from bench.gpu.gpu_check import _gemv_bytes
+    from qcompile.targets.cuda import build
+
+    sizes = floor.sizes()
+    assert sizes["b4_n14336_k4096"] == _gemv_bytes(4, 14336, 4096, 128)
+    sink = build.BuiltSources()
+    build.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    f, words = floor.read_kernel(1000, 128, 4, 0)
+    assert words * 4 >= 1000
+    with build._nvcc_callback("90", sink), target:  # noqa: SLF001
+        tvm.compile(tvm.IRModule({"read": f.with_attr("global_symbol", "read"),
+                                  "empty": floor.empty_kernel(2, 32).with_attr("global_symbol", "empty")}), target=target)
+    (src,) = sink.sources
+    assert "*(int4*)(a_ptr" in src and "empty_kernel" in src and "out_ptr[0] =" in src.split("empty_kernel")[1]
+    read = [{"name": "b4_n4096_k4096", "config": c, "bytes": 10, "us": us, "GBps": 0} for c, us in (("a", 5.0), ("b", 4.0))]
+    gemv = [{"target": "cuda", "bits": 4, "N": 4096, "K": 4096, "us": 6.0, "GBps": 1.0}]
+    (row,) = floor.summarize({"read": read, "gemv": gemv})
+    assert row["read_config"] == "b" and row["us_over_read"] == 1.5
