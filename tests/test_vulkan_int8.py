@@ -47,7 +47,8 @@ def _params(fmt: WeightFormat, n: int, k: int, seed: int) -> dict:
 
 @needs_device
 @pytest.mark.parametrize("bits", [2, 3, 4, 5, 6, 8])
-@pytest.mark.parametrize("group, n, k, config", [(32, 37, 2560, None), (128, 21, 384, (16, 32, False))])
+@pytest.mark.parametrize("group, n, k, config", [(32, 37, 2560, None), (128, 21, 384, (16, 32, False)),
+                                                 (32, 1030, 1024, None)])  # the square default: 16 rows x 128
 def test_gemv_int8_matches_the_x86_int8_reference(tmp_path, bits, group, n, k, config):
     """Groups of 32 over two steps of the default launch shape (K = 2560 > 64 x 32), groups of 128 with 16
     rows of 32 invocations, loads after staging (K = 384: one step, 12 of 32 invocations busy); N odd."""
@@ -68,6 +69,13 @@ def test_gemv_int8_matches_the_x86_int8_reference(tmp_path, bits, group, n, k, c
         ref = reference(x, codes, params["W.scales"], params["W.zeros"], group)
         assert y.shape == (m, n)
         assert _rel(y, ref) < 1e-5
+
+
+def test_tuned_config_by_shape_class():
+    from qcompile.targets.vulkan.kernels_int8 import TUNED, tuned_config
+
+    assert tuned_config(4, 4096, 4096) is TUNED["square"] and TUNED["square"].rows == 16
+    assert tuned_config(4, 4096, 14336) is TUNED[4] and tuned_config(3, 14336, 4096) is TUNED[None]
 
 
 def test_supports_is_the_cuda_condition():

@@ -38,7 +38,7 @@ import numpy as np
 if TYPE_CHECKING:
     from qcompile.passes.formats import WeightFormat
 
-__all__ = ["Int8GemvConfig", "gemv_int8", "supports", "reference", "TUNED"]
+__all__ = ["Int8GemvConfig", "gemv_int8", "supports", "reference", "TUNED", "tuned_config"]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque
 BLOCK = 32  # activations per int8 scale: one chunk of an invocation
@@ -84,7 +84,20 @@ class Int8GemvConfig:
 # at 4096x14336 (by 15-70%), within 10% of the best elsewhere; loading a step's weights before staging x
 # (``early``) pays for the two-plane widths 3, 5, 6 (4-7%), not at 2 and 4 bits (3-8% slower).  8 bits:
 # not measured (the x86 int8 build does not cover them, so no model uses them).
-TUNED = {None: Int8GemvConfig(early=True), 2: Int8GemvConfig(early=False), 4: Int8GemvConfig(early=False)}
+# Square shapes (N and K below 8192, the CUDA table's "square" class) take 16 rows x 128 invocations, no
+# ``early``: bench/results/gpu_vulkan_int8_square.json (4096x4096, 4 turns): 5-15% faster than r8t64 at
+# every width (2 bits 6.9 vs 7.3 us, 5 bits 8.2 vs 9.7 us).
+TUNED = {None: Int8GemvConfig(early=True), 2: Int8GemvConfig(early=False), 4: Int8GemvConfig(early=False),
+         "square": Int8GemvConfig(rows=16, threads=128, early=False)}
+
+
+def tuned_config(bits: int, n: int, k: int) -> Int8GemvConfig:
+    """The default launch shape for a width and shape (:data:`TUNED`)."""
+    from qcompile.targets.cuda.kernels_int8 import shape_class  # noqa: PLC0415
+
+    if shape_class(n, k) == "square":
+        return TUNED["square"]
+    return TUNED.get(bits, TUNED[None])
 
 
 def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None = None):
@@ -99,7 +112,7 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     planes, g = tuple(fmt.planes), fmt.group_size
     if not supports(fmt.bits, k, g):
         raise ValueError(f"gemv_int8: {fmt.name} K={k}: K and the group {g} must be multiples of {BLOCK}")
-    cfg = config or TUNED.get(fmt.bits, TUNED[None])
+    cfg = config or tuned_config(fmt.bits, n, k)
     rows, threads = cfg.rows, cfg.threads
     span = threads * BLOCK  # x values a step covers
     pad = BLOCK + 1  # x in workgroup memory: an invocation's block at tx * 33 (no bank conflicts)
