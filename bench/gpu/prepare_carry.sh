@@ -7,8 +7,12 @@
 #   .gpu/decode     SmolLM2 (CUDA, Vulkan) and 1.1B Llama (CUDA) artifacts without their params
 #                   (python -m bench.gpu.decode build; the params are generated there)
 #   .gpu/vulkan     Vulkan GEMV plans and test models (python -m bench.gpu.vulkan build)
-# then run there (device tool, carry [".gpu/site", ".gpu/whl", ".gpu/gl", ".gpu/build", ".gpu/decode", ".gpu/vulkan"]:
-# ~48 MB; the whole .gpu may pass the 64 MiB that travels once other folders are in it; ~160 s for decode + Vulkan):
+# then run there.  Since the CUDA decoders carry a decode_step (their module.so doubled: 40 MB of .gpu/decode),
+# everything does not travel at once (64 MiB): two calls back to back on one lease (session 7's gpu.json),
+#   1. carry [".gpu/site", ".gpu/whl", ".gpu/gl", ".gpu/build", ".gpu/vulkan"]: the command below (no decode/);
+#   2. carry [".gpu/site", ".gpu/whl", ".gpu/gl", ".gpu/dec7"] where .gpu/dec7/decode is .gpu/decode without the
+#      *-fa builds (and models.json without them): python3 -m bench.gpu.decode run --gpu-root .gpu/dec7
+#      --json $OUT/decode.json, then its "decode" rows go into gpu.json;
 #   for f in .gpu/gl/*.deb; do dpkg -x $f /; done; ldconfig;
 #   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp;
 #   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl &&
