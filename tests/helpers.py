@@ -110,3 +110,17 @@ def with_decoded_weights(model: onnx.ModelProto, artifact: Path) -> onnx.ModelPr
             arr = {"conv": lambda: w.reshape(shape), "NK": lambda: w, "KN": lambda: w.T}[layout]()
             init.CopyFrom(numpy_helper.from_array(np.ascontiguousarray(arr), init.name))
     return new
+
+
+def vulkan_available() -> bool:
+    """Whether wgpu finds a Vulkan device (Mesa lavapipe in CI)."""
+    try:
+        from qcompile.runtime.vulkan import request_device  # noqa: PLC0415
+
+        request_device()
+        return True
+    except Exception:  # noqa: BLE001  (no wgpu, no driver)
+        return False
+
+
+NO_VULKAN = "no Vulkan device (apt-get install mesa-vulkan-drivers)"

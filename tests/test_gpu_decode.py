@@ -21,22 +21,13 @@ from qcompile.compiler.frontends import DecoderConfig, build_decoder
 from qcompile.compiler.frontends.decoder import expected_weights
 from qcompile.runtime import ArtifactError, Session
 from qcompile.runtime.manifest import PARAMS, param_specs
+from tests.helpers import NO_VULKAN, vulkan_available
 
 CONFIG = DecoderConfig(family="llama", vocab_size=512, hidden_size=128, intermediate_size=256, num_layers=2,
                        num_heads=4, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-5, max_positions=256)
 
 
-def _vulkan_available() -> bool:
-    try:
-        from qcompile.runtime.vulkan import request_device
-
-        request_device()
-        return True
-    except Exception:  # noqa: BLE001  (no wgpu, no driver)
-        return False
-
-
-needs_vulkan = pytest.mark.skipif(not _vulkan_available(), reason="no Vulkan device (apt-get install mesa-vulkan-drivers)")
+needs_vulkan = pytest.mark.skipif(not vulkan_available(), reason=NO_VULKAN)
 
 
 @pytest.fixture(scope="module")

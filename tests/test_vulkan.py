@@ -20,22 +20,12 @@ from qcompile.passes.formats import PRESETS
 from qcompile.runtime import ArtifactError, load
 from qcompile.runtime.vulkan import compile_expr
 from tests import models
-from tests.helpers import convnet_model, mlp_model, save
+from tests.helpers import NO_VULKAN, convnet_model, mlp_model, save, vulkan_available
 
 pytestmark = pytest.mark.vulkan
 
 
-def _vulkan_available() -> bool:
-    try:
-        from qcompile.runtime.vulkan import request_device
-
-        request_device()
-        return True
-    except Exception:  # noqa: BLE001  (no wgpu, no driver)
-        return False
-
-
-needs_device = pytest.mark.skipif(not _vulkan_available(), reason="no Vulkan device (apt-get install mesa-vulkan-drivers)")
+needs_device = pytest.mark.skipif(not vulkan_available(), reason=NO_VULKAN)
 
 
 def _ort(model: onnx.ModelProto, feeds: dict) -> np.ndarray:

@@ -12,21 +12,12 @@ import pytest
 
 from bench.gpu import vulkan as gpu_vulkan
 from qcompile.passes.formats import WeightFormat
+from tests.helpers import NO_VULKAN, vulkan_available
 
 pytestmark = pytest.mark.vulkan
 
 
-def _vulkan_available() -> bool:
-    try:
-        from qcompile.runtime.vulkan import request_device
-
-        request_device()
-        return True
-    except Exception:  # noqa: BLE001  (no wgpu, no driver)
-        return False
-
-
-needs_device = pytest.mark.skipif(not _vulkan_available(), reason="no Vulkan device (apt-get install mesa-vulkan-drivers)")
+needs_device = pytest.mark.skipif(not vulkan_available(), reason=NO_VULKAN)
 
 
 def _rel(a, b) -> float:

@@ -114,6 +114,32 @@ TUNED = {None: GemvConfig(split_reduce=True, inplace=True, early=True),
          8: GemvConfig(split_reduce=True, inplace=True)}
 
 
+def weight_loader(rows: int, threads: int, chunks: int, n: int, v0: int, v1: int, two: bool):
+    """TIR macro ``load_weights(a0, a1, w0, w1, st, nb, tx)`` of the GEMVs (:func:`gemv`,
+    :func:`.kernels_int8.gemv_int8`): invocation ``tx`` of workgroup ``nb`` loads, at step ``st``, the
+    ``v0`` (``v1``) words of its chunk of each of the workgroup's ``rows`` rows of plane 0 (1) into
+    registers ``a0`` (``a1``), in vectors of up to 4 words (WGSL's widest); numpy:
+    ``a0[r] = w0[nb*rows + r, c*v0:(c+1)*v0]`` for ``c = st*threads + tx < chunks``, rows below ``n``."""
+    from tvm.script import tirx as T  # noqa: PLC0415
+
+    q0, q1 = min(v0, 4), min(v1, 4)  # words per vector load
+
+    @T.macro
+    def load_weights(a0, a1, w0, w1, st, nb, tx):
+        if st * threads + tx < chunks:
+            for r in T.unroll(rows):
+                if nb * rows + r < n:
+                    for j0 in T.unroll(v0 // q0):
+                        for j1 in T.vectorized(q0):
+                            a0[r, j0 * q0 + j1] = w0[nb * rows + r, (st * threads + tx) * v0 + j0 * q0 + j1]
+                    if two:
+                        for j0 in T.unroll(v1 // q1):
+                            for j1 in T.vectorized(q1):
+                                a1[r, j0 * q1 + j1] = w1[nb * rows + r, (st * threads + tx) * v1 + j0 * q1 + j1]
+
+    return load_weights
+
+
 def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
     """Scheduled WebGPU TIR ``y[M, N] = x[M, K] @ dequantize(W)[N, K].T``, M symbolic (one workgroup row
     per row of x: for small M).  Same arguments and numpy equivalent as :func:`dequant_matmul`; see the
@@ -131,7 +157,6 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
     inplace = cfg.inplace and not two
     p0, p1 = planes[0], planes[-1]
     v0, v1 = CHUNK * p0 // 32, CHUNK * p1 // 32  # words of each plane per chunk
-    q0, q1 = min(v0, 4), min(v1, 4)  # words per vector load
     chunks = k // CHUNK
     steps = (chunks + threads - 1) // threads
     blocks = (n + rows - 1) // rows
@@ -163,18 +188,7 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
         """2**-position(i) (exact), as float32 bits."""
         return T.reinterpret("float32", T.shift_left(T.Cast("uint32", 127 - position(i)), T.uint32(23)))
 
-    @T.macro
-    def load_weights(a0, a1, w0, w1, st, nb, tx):
-        if st * threads + tx < chunks:
-            for r in T.unroll(rows):
-                if nb * rows + r < n:
-                    for j0 in T.unroll(v0 // q0):  # WGSL vectors have at most 4 lanes
-                        for j1 in T.vectorized(q0):
-                            a0[r, j0 * q0 + j1] = w0[nb * rows + r, (st * threads + tx) * v0 + j0 * q0 + j1]
-                    if two:
-                        for j0 in T.unroll(v1 // q1):
-                            for j1 in T.vectorized(q1):
-                                a1[r, j0 * q1 + j1] = w1[nb * rows + r, (st * threads + tx) * v1 + j0 * q1 + j1]
+    load_weights = weight_loader(rows, threads, chunks, n, v0, v1, two)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):

@@ -109,6 +109,8 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     """
     from tvm.script import tirx as T  # noqa: PLC0415
 
+    from .kernels import weight_loader  # noqa: PLC0415
+
     planes, g = tuple(fmt.planes), fmt.group_size
     if not supports(fmt.bits, k, g):
         raise ValueError(f"gemv_int8: {fmt.name} K={k}: K and the group {g} must be multiples of {BLOCK}")
@@ -120,7 +122,6 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     signed8 = fmt.bits == 8
     p0, p1 = planes[0], planes[-1]
     v0, v1 = p0, p1  # words of each plane per block of 32 codes
-    q0, q1 = min(v0, 4), min(v1, 4)  # words per vector load
     chunks = k // BLOCK
     steps = (chunks + threads - 1) // threads
     blocks = (n + rows - 1) // rows
@@ -159,18 +160,7 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
         return T.bitwise_or(T.bitwise_or(byte(xv, sc, order(pb, t, 0), 0), byte(xv, sc, order(pb, t, 1), 1)),
                             T.bitwise_or(byte(xv, sc, order(pb, t, 2), 2), byte(xv, sc, order(pb, t, 3), 3)))
 
-    @T.macro
-    def load_weights(a0, a1, w0, w1, st, nb, tx):
-        if st * threads + tx < chunks:
-            for r in T.unroll(rows):
-                if nb * rows + r < n:
-                    for j0 in T.unroll(v0 // q0):  # WGSL vectors have at most 4 lanes
-                        for j1 in T.vectorized(q0):
-                            a0[r, j0 * q0 + j1] = w0[nb * rows + r, (st * threads + tx) * v0 + j0 * q0 + j1]
-                    if two:
-                        for j0 in T.unroll(v1 // q1):
-                            for j1 in T.vectorized(q1):
-                                a1[r, j0 * q1 + j1] = w1[nb * rows + r, (st * threads + tx) * v1 + j0 * q1 + j1]
+    load_weights = weight_loader(rows, threads, chunks, n, v0, v1, two)
 
     @T.prim_func(private=True)
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
