@@ -122,6 +122,37 @@ def test_gemv_int8_cuda_source_and_fatbin(bits, xsmem, prefetch):
 
 
 @pytest.mark.parametrize("bits", BITS)
+def test_gemv_int8_xpre_cuda_source_and_fatbin(bits):
+    """x quantized once per launch (config ``q``): quantize_x (a thread a block of 32: the activation
+    quantizer's round-to-nearest-even adds, byte permutes, 16-byte stores) and a GEMV that reads the
+    arranged int8 activations (16-byte loads) and quantizes nothing; both compile ahead of time."""
+    import tvm
+
+    from qcompile.targets.cuda import build, kernels_int8
+
+    fmt = WeightFormat(bits, 32)
+    cfg = kernels_int8.Int8GemvConfig(rows=8, wrows=2, ksplit=2, chunk=64, prefetch=True, xpre=True)
+    assert kernels_int8.xq_width(352, fmt.planes) % 4 == 0  # rows of xq stay 16-byte aligned
+    funcs = {"xq": kernels_int8.quantize_x(352, fmt.planes), "gemv_q": kernels_int8.gemv_int8(fmt, 352, 100, cfg)}
+    sink = build.BuiltSources()
+    build.ensure_cuda_codegen()
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
+    with build._nvcc_callback("90", sink), target:  # noqa: SLF001
+        tvm.compile(tvm.IRModule({nm: f.with_attr("global_symbol", nm) for nm, f in funcs.items()}), target=target)
+    (src,) = sink.sources
+
+    def body(name):  # the kernel's definition, up to the next one
+        start = src.index("{", src.index(f" {name}_kernel(", src.index(f" {name}_kernel(") + 1))
+        end = src.find('extern "C"', start)
+        return src[start:end if end >= 0 else len(src)]
+
+    quant, gemv = body("xq"), body("gemv_q")
+    assert "__fadd_rn" in quant and "__byte_perm" in quant and "int4" in quant
+    assert "__fadd_rn" not in gemv and "__byte_perm" not in gemv and "__dp4a" in gemv and "int4" in gemv
+    assert build.compile_cuda_source(src, "90")[:4] == bytes.fromhex("50ed55ba")
+
+
+@pytest.mark.parametrize("bits", BITS)
 @pytest.mark.parametrize("group", [32, 128])
 def test_gemv_int8_arithmetic_matches_the_x86_int8_reference(bits, group):
     """The kernel's integer path in numpy (canonical words rotated and masked into byte lanes, activations
@@ -171,7 +202,8 @@ def test_gemv_int8_config():
 
     cfg = kernels_int8.Int8GemvConfig(rows=16, wrows=2, ksplit=4, chunk=64, unroll=2)
     assert kernels_int8.Int8GemvConfig.parse(cfg.name) == cfg
-    for c in (dataclasses.replace(cfg, prefetch=True), dataclasses.replace(cfg, xsmem=True, prefetch=True)):
+    for c in (dataclasses.replace(cfg, prefetch=True), dataclasses.replace(cfg, xsmem=True, prefetch=True),
+              dataclasses.replace(cfg, prefetch=True, xpre=True), dataclasses.replace(cfg, xpre=True)):
         assert kernels_int8.Int8GemvConfig.parse(c.name) == c
     with pytest.raises(ValueError, match="Int8GemvConfig"):
         kernels_int8.Int8GemvConfig.parse("rows8")

@@ -62,6 +62,11 @@ ODD_ROUND2 = ("r8w1k16c0u1", "r4w2k8c0u1s")
 ROUND3 = ("r4w8k1c0u1sp", "r4w4k2c0u2sp", "r4w8k2c0u1sp", "r4w4k2c0u1sp", "r8w4k2c0u1sp", "r8w4k1c0u1sp",
           "r8w2k2c0u1sp", "r8w1k4c0u1p")
 ODD_ROUND3 = ("r4w2k4c0u2p", "r8w4k2c0u1sp", "r4w8k1c0u1sp", "r8w2k2c0u1")
+# round 4 (bench/results/gpu_gemv_sweep_xpre.json): ``q``, x quantized once per launch by a kernel of its own
+# (kernels_int8.quantize_x) instead of by every block; timed with that kernel (``us``) and without it
+XPRE = ("r8w1k4c0u1q", "r8w1k4c0u1pq", "r4w4k2c0u1q", "r4w4k2c0u2pq", "r8w2k2c0u1q", "r4w8k1c0u1pq", "r8w4k1c0u1q",
+        "r16w1k4c0u1q", "r8w2k2c0u1pq", "r4w4k1c0u1pq")
+ODD_XPRE = ("r8w1k4c0u1q", "r4w4k2c0u2pq")
 CLASSES = {(4096, 4096): "square", (4096, 14336): "wide_k", (14336, 4096): "tall_n"}
 BATCH = 8
 SWEEP_BITS = (4, 2, 3, 5, 6, 8)  # the 4-bit goal first: a run cut off at its time limit has it
@@ -133,7 +138,7 @@ def _load_baseline(path: Path):
 
 
 def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = False, bits_only=(),
-          baseline: Path | None = None, extra=(), shapes=()) -> None:
+          baseline: Path | None = None, extra=(), shapes=(), xpre: bool = False) -> None:
     import tvm  # noqa: PLC0415
 
     from qcompile.passes.formats import WeightFormat  # noqa: PLC0415
@@ -147,9 +152,23 @@ def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = F
         funcs[name] = f
         table.append({"kernel": name, **row})
 
+    def add_int8(name, fmt, k, n, c, **row):
+        """An int8 GEMV; with ``q`` (xpre) also the quantize_x kernel it needs (row ``xquant``, ``xwidth``)."""
+        cfg = kernels_int8.Int8GemvConfig.parse(c)
+        if cfg.xpre:
+            qname = f"xquant_k{k}_p{''.join(map(str, fmt.planes))}"
+            if qname not in funcs:
+                funcs[qname] = kernels_int8.quantize_x(k, fmt.planes)
+            row |= {"xquant": qname, "xwidth": kernels_int8.xq_width(k, fmt.planes)}
+        add(name, kernels_int8.gemv_int8(fmt, k, n, cfg), **row)
+
     base = _load_baseline(baseline) if baseline else None
 
     def configs(bits, n=0, k=0):
+        if xpre:  # TUNED's, and x quantized per launch (XPRE; TUNED's own shape with q)
+            tuned = kernels_int8.int8_config(n, k, bits)
+            names = [tuned.name, dataclasses.replace(tuned, xsmem=False, xpre=True).name]
+            return names + [c for c in (_config(c, bits).name for c in XPRE) if c not in names]
         if extra:  # --configs: these and TUNED's
             return list(dict.fromkeys([kernels_int8.int8_config(n, k, bits).name, *(_config(c, bits).name for c in extra)]))
         if round3:
@@ -170,24 +189,23 @@ def build(out: Path, smoke: bool = False, round2: bool = False, round3: bool = F
                 c = base.int8_config(n, k, bits).name
                 add(f"base_i8_{c}_b{bits}_n{n}_k{k}", base.gemv_int8(fmt, k, n, base.Int8GemvConfig.parse(c)),
                     kind="int8_base", config=f"base:{c}", **base_row)
-            if not round3 and not extra:
+            if not round3 and not extra and not xpre:
                 add(f"f32_default_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n), kind="float", config="default",
                     **base_row)
-            if bits == 8 and not round3 and not extra:
+            if bits == 8 and not round3 and not extra and not xpre:
                 for v in F32_ROUND2 if round2 else F32_VARIANTS:
                     vn = "f32_r{}k{}g{}{}".format(v[0], v[1], v[2], "s" if v[3] else "")
                     add(f"{vn}_b{bits}_n{n}_k{k}", kernels.gemv(fmt, k, n, kernels.GemvConfig(*v)), kind="float",
                         config=vn[4:], **base_row)
             for c in configs(bits, n, k) if not round2 or bits in ROUND2_BITS else ():
-                add(f"i8_{c}_b{bits}_n{n}_k{k}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
-                    kind="int8", config=c, **base_row)
+                add_int8(f"i8_{c}_b{bits}_n{n}_k{k}", fmt, k, n, c, kind="int8", config=c, **base_row)
         for n, k, g, m in ODD:
             fmt = WeightFormat(bits, g)
-            odd = extra[:1] if extra else ODD_ROUND3 if round3 else ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS
+            odd = ODD_XPRE if xpre else extra[:1] if extra else ODD_ROUND3 if round3 else ODD_ROUND2 if round2 else ODD_CONFIGS[-2:] if smoke else ODD_CONFIGS
             for c in odd:
                 c = _config(c, bits).name
-                add(f"odd_i8_{c}_b{bits}_n{n}_k{k}_g{g}", kernels_int8.gemv_int8(fmt, k, n, kernels_int8.Int8GemvConfig.parse(c)),
-                    kind="int8", config=c, bits=bits, N=n, K=k, group=g, M=m, odd=True)
+                add_int8(f"odd_i8_{c}_b{bits}_n{n}_k{k}_g{g}", fmt, k, n, c, kind="int8", config=c, bits=bits, N=n, K=k,
+                         group=g, M=m, odd=True)
     log.info("%d kernels defined in %.1f s", len(funcs), time.perf_counter() - t0)
     mod = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90"})
@@ -222,11 +240,29 @@ def run(root: Path, json_path: Path) -> int:
            "torch_fp16": [], "failures": []}
     log.info("%s: copy %.0f GB/s", res["device"], res["copy_GBps"])
 
-    def call(name, x_t, planes_t, s_t, z_t, y_t):
+    rows_by_name = {r["kernel"]: r for r in table}
+
+    def call(name, x_t, planes_t, s_t, z_t, y_t, quantize=True):
+        """The launch of kernel ``name``; an xpre kernel after its quantize_x (``quantize=False``: alone, on x
+        quantized once here)."""
         f = lib[name]
         w1 = planes_t[1] if len(planes_t) > 1 else planes_t[0]
-        args = [tvm_ffi.from_dlpack(t) for t in (x_t, planes_t[0], w1, s_t, z_t, y_t)]
-        return lambda: f(*args)
+        row = rows_by_name[name]
+        if "xquant" not in row:
+            args = [tvm_ffi.from_dlpack(t) for t in (x_t, planes_t[0], w1, s_t, z_t, y_t)]
+            return lambda: f(*args)
+        fq = lib[row["xquant"]]
+        xq_t = torch.empty((x_t.shape[0], row["xwidth"]), dtype=torch.int32, device=dev)
+        qargs = [tvm_ffi.from_dlpack(t) for t in (x_t, xq_t)]
+        args = [tvm_ffi.from_dlpack(t) for t in (xq_t, planes_t[0], w1, s_t, z_t, y_t)]
+        if not quantize:
+            fq(*qargs)
+            return lambda: f(*args)
+
+        def launch():
+            fq(*qargs)
+            f(*args)
+        return launch
 
     def check(row, x, planes, s, z, y_t, ref_int8, ref_float, launch):
         y_t.fill_(float("nan"))
@@ -301,6 +337,13 @@ def run(root: Path, json_path: Path) -> int:
                 rec = {**{key: r[key] for key in ("kernel", "kind", "config", "bits", "N", "K")}, "us": t, "us_mean": us,
                        "GBps": nbytes / us / 1e3, "us_batch8": us8,
                        "GBps_batch8": _gemv_bytes(bits, n, k, GROUP, BATCH) / us8 / 1e3}
+                if "xquant" in r:  # the GEMV alone (x quantized beforehand), and quantize_x alone
+                    alone = [call(r["kernel"], x_t[1], p, sc, zc, ys[1][c], quantize=False)
+                             for c, (p, sc, zc) in enumerate(sets)]
+                    rec["us_gemv_only"] = timer.time(lambda c: alone[c](), copies)  # noqa: B023
+                    fq, xq_t = lib[r["xquant"]], torch.empty((1, r["xwidth"]), dtype=torch.int32, device=dev)
+                    qargs = [tvm_ffi.from_dlpack(a) for a in (x_t[1], xq_t)]
+                    rec["us_quantize_only"] = timer.time(lambda c: fq(*qargs), copies)  # noqa: B023
                 res["timings"].append(rec)
                 log.info("b%d %5dx%-5d %-28s %7.2f %7.2f us %6.0f GB/s  batch 8: %7.2f us", bits, n, k, r["config"],
                          t[0], t[1], rec["GBps"], us8)
@@ -396,6 +439,8 @@ def main(argv=None) -> int:
                     "kernels_int8.py (kind int8_base), e.g. git show HEAD:targets/cuda/kernels_int8.py > FILE")
     ap.add_argument("--configs", default="", help="build: comma-separated int8 configs (c0: 16-byte chunks) beside "
                     "TUNED's, no float kernels; the first also on the odd shapes")
+    ap.add_argument("--xpre", action="store_true", help="build: round 4, TUNED's configs and x quantized once "
+                    "per launch (XPRE, 'q' configs), no float kernels")
     ap.add_argument("--shapes", default="", help="build: comma-separated NxK of SHAPES only (default: all)")
     ap.add_argument("--kernels", default="", help="profile: comma-separated kernel names")
     args = ap.parse_args(argv)
@@ -403,7 +448,7 @@ def main(argv=None) -> int:
     if args.step == "build":
         build(args.dir, args.smoke, args.round2, args.round3, tuple(int(b) for b in args.bits.split(",") if b),
               args.baseline, tuple(c for c in args.configs.split(",") if c),
-              tuple(tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",") if sh))
+              tuple(tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",") if sh), args.xpre)
         return 0
     if args.step == "profile":
         profile(args.dir, [k for k in args.kernels.split(",") if k])

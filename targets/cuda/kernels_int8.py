@@ -50,7 +50,7 @@ if TYPE_CHECKING:
     from qcompile.passes.formats import WeightFormat
 
 __all__ = ["Int8GemvConfig", "gemv_int8", "int8_config", "supports", "x_order", "lane_extract", "reference",
-           "emulate", "TUNED"]
+           "emulate", "TUNED", "quantize_x", "xq_width"]
 
 OPAQUE = 8  # relax OpPatternKind.kOpaque
 WARP = 32
@@ -144,22 +144,23 @@ class Int8GemvConfig:
     unroll: int = 1  # chunks whose loads are issued before their math
     xsmem: bool = False  # x quantized once per block into shared memory (else by every warp, in registers)
     prefetch: bool = False  # the next step's loads issued before this step's math (two register buffers)
+    xpre: bool = False  # x arrives quantized and arranged by :func:`quantize_x` (no per-block quantization)
 
     @property
     def name(self) -> str:
         return (f"r{self.rows}w{self.wrows}k{self.ksplit}c{self.chunk}u{self.unroll}" + ("s" if self.xsmem else "")
-                + ("p" if self.prefetch else ""))
+                + ("p" if self.prefetch else "") + ("q" if self.xpre else ""))
 
     @classmethod
     def parse(cls, name: str) -> Int8GemvConfig:
         import re  # noqa: PLC0415
 
-        got = re.fullmatch(r"r(\d+)w(\d+)k(\d+)c(\d+)u(\d+)(s?)(p?)", name)
+        got = re.fullmatch(r"r(\d+)w(\d+)k(\d+)c(\d+)u(\d+)(s?)(p?)(q?)", name)
         if got is None:
             raise ValueError(f"not an Int8GemvConfig name: {name!r} (expected like r8w2k2c32u1, r8w2k2c32u1s or "
-                             "r8w2k2c32u1sp)")
-        *ints, smem, pre = got.groups()
-        return cls(*(int(v) for v in ints), xsmem=smem == "s", prefetch=pre == "p")
+                             "r8w2k2c32u1sp, r8w1k4c32u1pq)")
+        *ints, smem, pre, xq = got.groups()
+        return cls(*(int(v) for v in ints), xsmem=smem == "s", prefetch=pre == "p", xpre=xq == "q")
 
 
 # The measured winner per (bits, shape class) on an H100 (bench/gpu/gemv_sweep.py, bench/results/
@@ -207,6 +208,59 @@ def _chunk(k: int, want: int) -> int:
 # -- the kernel ------------------------------------------------------------------------------------
 
 
+def _dp4a(a, b, c):
+    return T.call_pure_extern("int32", "__dp4a", a, b, c)
+
+
+def _activation_quantizer(p0: int, p1: int, two: bool):
+    """TIR macro ``quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1)``: the activations
+    ``xf[bi, u, 32b : 32b+32]`` to int8 arranged for the plane widths ``p0`` (``xi0``) and, ``two``, ``p1``
+    (``xi1``) (:func:`x_order`); ``sc[1] = sx``, ``sc[2] = sx * sum(xq)``; numpy: :func:`qcompile.targets.
+    x86.kernels_int8.quantize_activations` then :func:`x_order`."""
+
+    def order(pb, t, i):
+        """activation (within the block) in byte ``i`` of arranged int32 ``t`` (:func:`x_order`)."""
+        per = 8 // pb
+        return (t // per) * (32 // pb) + per * i + t % per
+
+    def byte(q, idx):
+        return T.reinterpret("uint32", q[idx])
+
+    def pack(q, pb, t):
+        """int32 of arranged int ``t``: low bytes of the magic floats q[order(pb, t, 0..3)]."""
+        lo = T.call_pure_extern("uint32", "__byte_perm", byte(q, order(pb, t, 0)), byte(q, order(pb, t, 1)),
+                                T.uint32(0x0040))
+        hi = T.call_pure_extern("uint32", "__byte_perm", byte(q, order(pb, t, 2)), byte(q, order(pb, t, 3)),
+                                T.uint32(0x0040))
+        return T.reinterpret("int32", T.call_pure_extern("uint32", "__byte_perm", lo, hi, T.uint32(0x5410)))
+
+    @T.macro
+    def quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1):
+        """xf[bi, u, 32b : 32b+32] -> xi0 (xi1): int8 activations arranged for plane 0 (1); sc[1] = sx,
+        sc[2] = sx * sum(xq).  The x86 activation_quantizer's arithmetic (rounding half to even)."""
+        for i in T.unroll(4):
+            mx[i] = T.fabs(xf[bi, u, b * BLOCK + i])
+        for i0 in T.unroll(BLOCK // 4 - 1):
+            for i in T.unroll(4):
+                mx[i] = T.max(mx[i], T.fabs(xf[bi, u, b * BLOCK + (i0 + 1) * 4 + i]))
+        mx[0] = T.max(T.max(mx[0], mx[1]), T.max(mx[2], mx[3]))
+        sc[0] = T.if_then_else(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))
+        sc[1] = mx[0] / T.float32(127)
+        for i in T.unroll(BLOCK):  # no contraction into an FFMA: round(fl(x * inv)) as on x86
+            q[i] = T.call_pure_extern("float32", "__fadd_rn", T.call_pure_extern(
+                "float32", "__fmul_rn", xf[bi, u, b * BLOCK + i], sc[0]), T.float32(MAGIC))
+        isum[1] = 0
+        for t in T.unroll(8):
+            xi0[t] = pack(q, p0, t)
+            isum[1] = _dp4a(xi0[t], T.int32(0x01010101), isum[1])
+        if two:
+            for t in T.unroll(8):
+                xi1[t] = pack(q, p1, t)
+        sc[2] = T.Cast("float32", isum[1]) * sc[1]
+
+    return quantize
+
+
 def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None = None):
     """Scheduled CUDA TIR ``y[M, N] ~= x[M, K] @ dequantize(W)[N, K].T`` with int8 activations, M symbolic.
 
@@ -237,31 +291,18 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     kb = k // BLOCK
     w0cols, w1cols = k * p0 // 32, k * p1 // 32
     narr = 2 if two else 1  # activation arrangements (one per plane width)
-    xsmem = cfg.xsmem and (narr * k + 8 * kb) <= XSMEM_LIMIT
+    xpre = cfg.xpre
+    xsmem = cfg.xsmem and not xpre and (narr * k + 8 * kb) <= XSMEM_LIMIT
+    xcols, xdtype = (xq_width(k, planes), "int32") if xpre else (k, "float32")
+    xsc = narr * kb * 8  # (xpre) where a row's per-block (sx, sx * sum(xq)) start
     fill = (kb + WARP * wr * ks - 1) // (WARP * wr * ks)  # blocks of 32 each thread quantizes (xsmem)
     nsz = 1 if g % ct == 0 else nb  # scales (zero points) a row and chunk: one, or one per block of 32
     nbuf = 2 if cfg.prefetch else 1  # register buffers of a step's loads
     if rows > WARP:
         raise ValueError(f"gemv_int8: rows={rows} > {WARP}")
 
-    def order(pb, t, i):
-        """activation (within the block) in byte ``i`` of arranged int32 ``t`` (:func:`x_order`)."""
-        per = 8 // pb
-        return (t // per) * (32 // pb) + per * i + t % per
-
-    def byte(q, idx):
-        return T.reinterpret("uint32", q[idx])
-
-    def pack(q, pb, t):
-        """int32 of arranged int ``t``: low bytes of the magic floats q[order(pb, t, 0..3)]."""
-        lo = T.call_pure_extern("uint32", "__byte_perm", byte(q, order(pb, t, 0)), byte(q, order(pb, t, 1)),
-                                T.uint32(0x0040))
-        hi = T.call_pure_extern("uint32", "__byte_perm", byte(q, order(pb, t, 2)), byte(q, order(pb, t, 3)),
-                                T.uint32(0x0040))
-        return T.reinterpret("int32", T.call_pure_extern("uint32", "__byte_perm", lo, hi, T.uint32(0x5410)))
-
-    def dp4a(a, b, c):
-        return T.call_pure_extern("int32", "__dp4a", a, b, c)
+    dp4a = _dp4a
+    quantize = _activation_quantizer(p0, p1, two)
 
     def lanes_of(word, pb, s, off):
         v = lane_extract(word, pb, s, off)
@@ -270,31 +311,7 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
         return T.reinterpret("int32", v)
 
     @T.macro
-    def quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1):
-        """xf[bi, u, 32b : 32b+32] -> xi0 (xi1): int8 activations arranged for plane 0 (1); sc[1] = sx,
-        sc[2] = sx * sum(xq).  The x86 activation_quantizer's arithmetic (rounding half to even)."""
-        for i in T.unroll(4):
-            mx[i] = T.fabs(xf[bi, u, b * BLOCK + i])
-        for i0 in T.unroll(BLOCK // 4 - 1):
-            for i in T.unroll(4):
-                mx[i] = T.max(mx[i], T.fabs(xf[bi, u, b * BLOCK + (i0 + 1) * 4 + i]))
-        mx[0] = T.max(T.max(mx[0], mx[1]), T.max(mx[2], mx[3]))
-        sc[0] = T.if_then_else(mx[0] > T.float32(0), T.float32(127) / mx[0], T.float32(0))
-        sc[1] = mx[0] / T.float32(127)
-        for i in T.unroll(BLOCK):  # no contraction into an FFMA: round(fl(x * inv)) as on x86
-            q[i] = T.call_pure_extern("float32", "__fadd_rn", T.call_pure_extern(
-                "float32", "__fmul_rn", xf[bi, u, b * BLOCK + i], sc[0]), T.float32(MAGIC))
-        isum[1] = 0
-        for t in T.unroll(8):
-            xi0[t] = pack(q, p0, t)
-            isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
-        if two:
-            for t in T.unroll(8):
-                xi1[t] = pack(q, p1, t)
-        sc[2] = T.Cast("float32", isum[1]) * sc[1]
-
-    @T.macro
-    def load_step(st, bi, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx):
+    def load_step(st, bi, x, w0, w1, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, mb, bx, wy, wk, tx):
         """Step ``st``'s loads into register buffer ``bi``: every row's words of ``un`` chunks (with
         prefetch their scales and zero points; without xsmem the chunks' activations)."""
         for u in T.unroll(un):
@@ -316,13 +333,25 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                                     ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]
                                 zr[bi, u, r, b] = z[(bx * wr + wy) * rows + r,
                                                     ((((st * un + u) * ks + wk) * WARP + tx) * ct + b * BLOCK) // g]
-                if not xsmem:
+                if xpre:  # the chunk's arranged int8 activations and their (sx, sx * sum(xq))
+                    for b in T.unroll(nb):
+                        for h in T.unroll(2):
+                            for i in T.vectorized(4):
+                                xr0[bi, u, b, h * 4 + i] = x[mb, ((((st * un + u) * ks + wk) * WARP + tx) * nb + b) * 8
+                                                           + h * 4 + i]
+                            if two:
+                                for i in T.vectorized(4):
+                                    xr1[bi, u, b, h * 4 + i] = x[mb, (kb + (((st * un + u) * ks + wk) * WARP + tx) * nb + b)
+                                                               * 8 + h * 4 + i]
+                        for i in T.vectorized(2):
+                            xsr[bi, u, b, i] = x[mb, xsc + ((((st * un + u) * ks + wk) * WARP + tx) * nb + b) * 2 + i]
+                elif not xsmem:
                     for i0 in T.unroll(ct // 4):
                         for i in T.vectorized(4):
                             xf[bi, u, i0 * 4 + i] = x[mb, (((st * un + u) * ks + wk) * WARP + tx) * ct + i0 * 4 + i]
 
     @T.macro
-    def math_step(st, bi, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0, xi1, acc, bx, wy, wk, tx):
+    def math_step(st, bi, xsh, xss, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, q, mx, sc, isum, xi0, xi1, acc, bx, wy, wk, tx):
         """Step ``st``'s dot products from register buffer ``bi`` into ``acc``."""
         for u in T.unroll(un):
             if ((st * un + u) * ks + wk) * WARP + tx < chunks:
@@ -337,6 +366,17 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                                          + tx, i]
                         sc[1] = xss[0, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
                         sc[2] = xss[1, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
+                        if signed8:
+                            isum[1] = 0
+                            for t in T.unroll(8):
+                                isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
+                    elif xpre:
+                        for t in T.unroll(8):
+                            xi0[t] = xr0[bi, u, b, t]
+                            if two:
+                                xi1[t] = xr1[bi, u, b, t]
+                        sc[1] = T.reinterpret("float32", xsr[bi, u, b, 0])
+                        sc[2] = T.reinterpret("float32", xsr[bi, u, b, 1])
                         if signed8:
                             isum[1] = 0
                             for t in T.unroll(8):
@@ -369,7 +409,7 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     def kernel(x_h: T.handle, w0_h: T.handle, w1_h: T.handle, s_h: T.handle, z_h: T.handle, y_h: T.handle):
         T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
         m = T.int64()
-        x = T.match_buffer(x_h, (m, k), "float32")
+        x = T.match_buffer(x_h, (m, xcols), xdtype)
         w0 = T.match_buffer(w0_h, (n, w0cols), "uint32")
         w1 = T.match_buffer(w1_h, (n, w1cols), "uint32")
         s = T.match_buffer(s_h, (n, kg), "float16")
@@ -392,8 +432,12 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                             a1 = T.alloc_buffer((nbuf, un, rows, v1), "uint32", scope="local")
                             sr = T.alloc_buffer((nbuf, un, rows, nsz), "float16", scope="local")  # (prefetch)
                             zr = T.alloc_buffer((nbuf, un, rows, nsz), "float16", scope="local")
-                            xf = T.alloc_buffer((1 if xsmem else nbuf, 1 if xsmem else un, BLOCK if xsmem else ct), "float32",
-                                                scope="local")
+                            xf = T.alloc_buffer((1 if xsmem or xpre else nbuf, 1 if xsmem or xpre else un,
+                                                 1 if xpre else BLOCK if xsmem else ct), "float32", scope="local")
+                            # (xpre) a step's arranged activations and per-block (sx, sx * sum(xq)) bits
+                            xr0 = T.alloc_buffer((nbuf, un, nb, 8) if xpre else (1,), "int32", scope="local")
+                            xr1 = T.alloc_buffer((nbuf, un, nb, 8) if xpre and two else (1,), "int32", scope="local")
+                            xsr = T.alloc_buffer((nbuf, un, nb, 2) if xpre else (1,), "int32", scope="local")
                             q = T.alloc_buffer((BLOCK,), "float32", scope="local")
                             xi0 = T.alloc_buffer((8,), "int32", scope="local")
                             xi1 = T.alloc_buffer((8,), "int32", scope="local")
@@ -402,7 +446,8 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                             isum = T.alloc_buffer((2,), "int32", scope="local")
                             if xsmem or cfg.prefetch:  # step 0's loads first (with xsmem: on their way while the
                                 # block quantizes x)
-                                load_step(0, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx)
+                                load_step(0, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, mb, bx, wy, wk,
+                                          tx)
                             if xsmem:  # quantize x once per block (each thread a block of 32 at a time)
                                 for it in range(fill):
                                     if (it * wr * ks + wy * ks + wk) * WARP + tx < kb:
@@ -428,16 +473,17 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                             if cfg.prefetch:
                                 for st2 in range((steps + 1) // 2):
                                     for pb in T.unroll(2):  # buffer pb holds step 2*st2 + pb's loads
-                                        load_step(st2 * 2 + pb + 1, 1 - pb, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy,
-                                                  wk, tx)
-                                        math_step(st2 * 2 + pb, pb, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0,
-                                                  xi1, acc, bx, wy, wk, tx)
+                                        load_step(st2 * 2 + pb + 1, 1 - pb, x, w0, w1, s, z, a0, a1, sr, zr, xf, xr0, xr1,
+                                                  xsr, mb, bx, wy, wk, tx)
+                                        math_step(st2 * 2 + pb, pb, xsh, xss, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, q,
+                                                  mx, sc, isum, xi0, xi1, acc, bx, wy, wk, tx)
                             else:
                                 for st in range(steps):
                                     if not xsmem or st > 0:
-                                        load_step(st, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, mb, bx, wy, wk, tx)
-                                    math_step(st, 0, xsh, xss, s, z, a0, a1, sr, zr, xf, q, mx, sc, isum, xi0, xi1, acc, bx, wy,
-                                              wk, tx)
+                                        load_step(st, 0, x, w0, w1, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, mb, bx, wy, wk,
+                                                  tx)
+                                    math_step(st, 0, xsh, xss, s, z, a0, a1, sr, zr, xf, xr0, xr1, xsr, q, mx, sc, isum, xi0,
+                                              xi1, acc, bx, wy, wk, tx)
                             for r in T.unroll(rows):
                                 for off in T.unroll(5):
                                     acc[r] = acc[r] + T.tvm_warp_shuffle_down(
@@ -459,5 +505,64 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                             for w in T.unroll(ks):
                                                 sc[0] = sc[0] + red[wy, w, tx]
                                             y[mb, (bx * wr + wy) * rows + tx] = sc[0]
+
+    return kernel
+
+
+def xq_width(k: int, planes) -> int:
+    """int32 columns a row of :func:`quantize_x`'s output takes: the arranged activations of each plane
+    width (8 ints a block of 32), then (sx, sx * sum(xq)) a block as float bits, padded to 16 bytes."""
+    kb = k // BLOCK
+    return (2 if len(planes) > 1 else 1) * kb * 8 + (2 * kb + 3) // 4 * 4
+
+
+def quantize_x(k: int, planes, threads: int = 128):
+    """CUDA TIR ``xq[M, xq_width] = quantize_x(x[M, K])``, M symbolic: the activations quantized per block
+    of 32 once for a whole GEMV (:class:`Int8GemvConfig` ``xpre``) instead of in each of its blocks; a
+    thread a block.  numpy (``planes`` the weight format's plane widths, ``q, sx = quantize_activations(x,
+    32)`` of :mod:`qcompile.targets.x86.kernels_int8`, ``kb = K/32``)::
+
+        xq[m, a*kb*8 + 8b : ... + 8] = int8 q[m, 32b + x_order(planes[a])] as 8 little-endian int32
+        xq[m, A*kb*8 + 2b], xq[m, A*kb*8 + 2b + 1] = float32 bits of sx[m, b], sx[m, b] * sum(q[m, 32b:32b+32])
+    """
+    planes = tuple(planes)
+    p0, p1, two = planes[0], planes[-1], len(planes) > 1
+    if k % BLOCK:
+        raise ValueError(f"quantize_x: K={k} must be a multiple of {BLOCK}")
+    kb = k // BLOCK
+    width = xq_width(k, planes)
+    xsc = (2 if two else 1) * kb * 8
+    grid = (kb + threads - 1) // threads
+    quantize = _activation_quantizer(p0, p1, two)
+
+    @T.prim_func(private=True)
+    def kernel(x_h: T.handle, xq_h: T.handle):
+        T.func_attr({"tirx.noalias": True, "op_pattern": OPAQUE, "tirx.is_scheduled": True})
+        m = T.int64()
+        x = T.match_buffer(x_h, (m, k), "float32")
+        xq = T.match_buffer(xq_h, (m, width), "int32")
+        for mb in T.thread_binding(m, thread="blockIdx.y"):
+            for bx in T.thread_binding(grid, thread="blockIdx.x"):
+                for tx in T.thread_binding(threads, thread="threadIdx.x"):
+                    xf = T.alloc_buffer((1, 1, BLOCK), "float32", scope="local")
+                    q = T.alloc_buffer((BLOCK,), "float32", scope="local")
+                    xi0 = T.alloc_buffer((8,), "int32", scope="local")
+                    xi1 = T.alloc_buffer((8,), "int32", scope="local")
+                    mx = T.alloc_buffer((4,), "float32", scope="local")
+                    sc = T.alloc_buffer((3,), "float32", scope="local")
+                    isum = T.alloc_buffer((2,), "int32", scope="local")
+                    if bx * threads + tx < kb:
+                        for i0 in T.unroll(BLOCK // 4):
+                            for i in T.vectorized(4):
+                                xf[0, 0, i0 * 4 + i] = x[mb, (bx * threads + tx) * BLOCK + i0 * 4 + i]
+                        quantize(xf, 0, 0, 0, q, mx, sc, isum, xi0, xi1)
+                        for h in T.unroll(2):
+                            for i in T.vectorized(4):
+                                xq[mb, (bx * threads + tx) * 8 + h * 4 + i] = xi0[h * 4 + i]
+                            if two:
+                                for i in T.vectorized(4):
+                                    xq[mb, (kb + bx * threads + tx) * 8 + h * 4 + i] = xi1[h * 4 + i]
+                        xq[mb, xsc + (bx * threads + tx) * 2] = T.reinterpret("int32", sc[1])
+                        xq[mb, xsc + (bx * threads + tx) * 2 + 1] = T.reinterpret("int32", sc[2])
 
     return kernel
