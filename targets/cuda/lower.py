@@ -29,7 +29,7 @@ from ..x86 import kernels_int8 as x86_int8
 from ..x86 import lower as x86_lower
 from . import gemm, kernels, kernels_int8
 
-__all__ = ["lower_to_relax", "GpuEmitter", "gemv_kernel", "uses_int8"]
+__all__ = ["lower_to_relax", "GpuEmitter", "gemv_kernel", "uses_int8", "split_params"]
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +82,9 @@ class GpuEmitter:
         return bb.emit(relax.call_tir(gv, [x2, w0, w1, s, z], relax.TensorType([m, n], "float32")))
 
 
-def _split_params(model: onnx.ModelProto):
-    """Move packed and large float initializers to graph inputs (canonical packing, no retiling)."""
+def split_params(model: onnx.ModelProto):
+    """Move packed and large float initializers to graph inputs (canonical packing, no retiling): (model,
+    their names, name -> array, the names of packed weights).  Shared with the Vulkan target."""
     model = onnx.ModelProto.FromString(model.SerializeToString())
     graph = model.graph
     packed = {name for node in graph.node if node.domain == qops.DOMAIN for name in node.input[1:5] if name}
@@ -111,7 +112,7 @@ def lower_to_relax(model: onnx.ModelProto, scheduled: bool = True, int8_dot: boo
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
     num_inputs = len(model.graph.input)
-    split, names, params, packed = _split_params(model)
+    split, names, params, packed = split_params(model)
     emitter = GpuEmitter(scheduled, int8_dot)
     with x86_lower._our_converters(emitter), warnings.catch_warnings():  # noqa: SLF001
         warnings.simplefilter("ignore")  # our custom-domain nodes make onnx.checker complain

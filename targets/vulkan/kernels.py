@@ -286,29 +286,7 @@ def gemv(fmt: WeightFormat, k: int, n: int, config: GemvConfig | None = None):
 
 
 def im2col(c: int, h: int, w: int, ks, st, pads, dil):
-    """Unscheduled TIR (from TE): NCHW image -> patch rows for a convolution as a matmul.
+    """:func:`qcompile.targets.x86.kernels.im2col_unscheduled` (NCHW image -> patch rows; dlight schedules it)."""
+    from ..x86.kernels import im2col_unscheduled  # noqa: PLC0415
 
-    numpy: ``cols[b*OH*OW + oh*OW + ow, ci*KH*KW + r*KW + s] = xpad[b, ci, oh*SH + r*DH, ow*SW + s*DW]``
-    where ``xpad`` is x zero-padded by ``pads`` (top, left, bottom, right), so ``cols @ W.reshape(N, -1).T``
-    is the convolution (the x86 kernel of the same name, without its CPU schedule).
-    """
-    from tvm import te, tirx  # noqa: PLC0415
-
-    kh, kw = ks
-    sh, sw = st
-    ph, pw = pads[0], pads[1]
-    dh, dw = dil
-    oh = (h + pads[0] + pads[2] - dh * (kh - 1) - 1) // sh + 1
-    ow = (w + pads[1] + pads[3] - dw * (kw - 1) - 1) // sw + 1
-    b = tirx.Var("b", "int64")
-    x = te.placeholder((b, c, h, w), "float32", name="x")
-
-    def patch(row, col):
-        bo, o = row // ow, row % ow
-        ih = (bo % oh) * sh - ph + (col // kw % kh) * dh
-        iw = o * sw - pw + (col % kw) * dw
-        inside = tirx.all(ih >= 0, ih < h, iw >= 0, iw < w)
-        return tirx.if_then_else(inside, x[bo // oh, col // (kh * kw), ih, iw], tirx.const(0, "float32"))
-
-    cols = te.compute((b * oh * ow, c * kh * kw), patch, name="cols")
-    return te.create_prim_func([x, cols]).without_attr("global_symbol")
+    return im2col_unscheduled(c, h, w, ks, st, pads, dil)

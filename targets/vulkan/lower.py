@@ -14,9 +14,7 @@ import warnings
 
 import numpy as np
 import onnx
-from onnx import numpy_helper
 
-from qcompile.passes import qops
 from qcompile.passes.formats import WeightFormat
 
 from ..x86 import lower as x86_lower
@@ -58,35 +56,15 @@ class _GpuEmitter:
         return bb.emit(relax.call_tir(gv, [x2, w0, w1, s, z], relax.TensorType([m, n], "float32")))
 
 
-def _split_params(model: onnx.ModelProto):
-    """Move packed and large float initializers to graph inputs (canonical packing, no retiling)."""
-    model = onnx.ModelProto.FromString(model.SerializeToString())
-    graph = model.graph
-    packed = {name for node in graph.node if node.domain == qops.DOMAIN for name in node.input[1:5] if name}
-    names, params, keep = [], {}, []
-    for init in graph.initializer:
-        big_float = init.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16) and \
-            int(np.prod(init.dims)) >= x86_lower.PARAM_MIN_ELEMENTS
-        if init.name not in packed and not big_float:
-            keep.append(init)
-            continue
-        arr = np.ascontiguousarray(numpy_helper.to_array(init))
-        names.append(init.name)
-        params[init.name] = arr
-        graph.input.append(onnx.helper.make_tensor_value_info(
-            init.name, onnx.helper.np_dtype_to_tensor_dtype(arr.dtype), list(arr.shape)))
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    return model, names, params
-
-
 def lower_to_relax(model: onnx.ModelProto) -> x86_lower.LoweredModel:
     """Quantized ONNX -> Relax IRModule whose ``main`` takes (inputs..., params...)."""
     from tvm import relax  # noqa: PLC0415
     from tvm.relax.frontend.onnx import from_onnx  # noqa: PLC0415
 
+    from ..cuda.lower import split_params  # noqa: PLC0415  (the same parameters as the CUDA target)
+
     num_inputs = len(model.graph.input)
-    split, names, params = _split_params(model)
+    split, names, params, _ = split_params(model)
     emitter = _GpuEmitter()
     with x86_lower._our_converters(emitter), warnings.catch_warnings():  # noqa: SLF001
         warnings.simplefilter("ignore")  # our custom-domain nodes make onnx.checker complain

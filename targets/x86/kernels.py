@@ -242,14 +242,15 @@ def _matmul_kernel(planes: tuple[int, ...], g: int, k: int, n: int, t: int, accs
     return kernel
 
 
-def im2col(c: int, h: int, w: int, ks, st, pads, dil):
-    """TIR kernel (from TE): NCHW image -> patch rows for a convolution as a matmul.
+def im2col_unscheduled(c: int, h: int, w: int, ks, st, pads, dil):
+    """Unscheduled TIR (from TE): NCHW image -> patch rows for a convolution as a matmul (the GPU targets
+    take it as it is, for dlight; :func:`im2col` schedules it for the CPU).
 
     numpy: ``cols[b*OH*OW + oh*OW + ow, ci*KH*KW + r*KW + s] = xpad[b, ci, oh*SH + r*DH, ow*SW + s*DW]``
     where ``xpad`` is x zero-padded by ``pads`` (top, left, bottom, right); the column order is ONNX's
-    weight order, so ``cols @ W.reshape(N, -1).T`` is the convolution.  Rows are parallel.
+    weight order, so ``cols @ W.reshape(N, -1).T`` is the convolution.
     """
-    from tvm import s_tir, te, tirx  # noqa: PLC0415
+    from tvm import te, tirx  # noqa: PLC0415
 
     kh, kw = ks
     sh, sw = st
@@ -268,7 +269,14 @@ def im2col(c: int, h: int, w: int, ks, st, pads, dil):
         return tirx.if_then_else(inside, x[bo // oh, col // (kh * kw), ih, iw], tirx.const(0, "float32"))
 
     cols = te.compute((b * oh * ow, c * kh * kw), patch, name="cols")
-    func = te.create_prim_func([x, cols])
+    return te.create_prim_func([x, cols]).without_attr("global_symbol")
+
+
+def im2col(c: int, h: int, w: int, ks, st, pads, dil):
+    """TIR kernel: :func:`im2col_unscheduled` with its rows parallel (same numpy equivalent)."""
+    from tvm import s_tir  # noqa: PLC0415
+
+    func = im2col_unscheduled(c, h, w, ks, st, pads, dil)
     sch = s_tir.Schedule(func)
     row, col = sch.get_loops(sch.get_sblock("cols"))
     sch.parallel(row)
