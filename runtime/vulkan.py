@@ -27,6 +27,7 @@ from __future__ import annotations
 import ast
 import json
 import logging
+import math
 import os
 import struct
 import tempfile
@@ -63,35 +64,43 @@ class NodeArg:
 
 # -- plan expressions ----------------------------------------------------------------------------------
 
-_OPS = {ast.Add: lambda a, b: a + b, ast.Sub: lambda a, b: a - b, ast.Mult: lambda a, b: a * b,
-        ast.FloorDiv: lambda a, b: a // b, ast.Mod: lambda a, b: a % b}
+_OPS = {ast.Add: "+", ast.Sub: "-", ast.Mult: "*", ast.FloorDiv: "//", ast.Mod: "%"}
+
+
+def _expr_source(text: str) -> str:
+    """A plan expression (ints, names, + - * // %, min, max) as Python source over ``env``, checked to use
+    nothing else (the source is compiled: only these forms reach it)."""
+    tree = ast.parse(str(text), mode="eval").body
+
+    def src(node) -> str:
+        if isinstance(node, ast.Constant) and type(node.value) is int:
+            return repr(node.value)
+        if isinstance(node, ast.Name):
+            return f"env[{node.id!r}]"
+        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
+            return f"({src(node.left)} {_OPS[type(node.op)]} {src(node.right)})"
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+            return f"(-{src(node.operand)})"
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
+                and len(node.args) == 2 and not node.keywords:
+            return f"_{node.func.id}({src(node.args[0])}, {src(node.args[1])})"
+        raise ArtifactError(f"plan.json: expression {text!r} uses {ast.dump(node)}, which the runtime does not allow")
+
+    return src(tree)
+
+
+def compile_exprs(texts):
+    """Plan expressions as one function of an environment dict that returns their values as a tuple
+    (one Python call for all of them: a program for new dims evaluates thousands)."""
+    body = "".join(f"{_expr_source(t)}, " for t in texts)
+    code = compile(f"lambda env: ({body})", "<plan expressions>", "eval")
+    return eval(code, {"__builtins__": {}, "_min": min, "_max": max})  # noqa: S307  (checked forms only)
 
 
 def compile_expr(text: str):
     """A plan expression (ints, names, + - * // %, min, max) as a function of an environment dict."""
-    tree = ast.parse(str(text), mode="eval").body
-
-    def build(node):
-        if isinstance(node, ast.Constant) and isinstance(node.value, int):
-            value = node.value
-            return lambda env: value
-        if isinstance(node, ast.Name):
-            name = node.id
-            return lambda env: env[name]
-        if isinstance(node, ast.BinOp) and type(node.op) in _OPS:
-            op, a, b = _OPS[type(node.op)], build(node.left), build(node.right)
-            return lambda env: op(a(env), b(env))
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
-            a = build(node.operand)
-            return lambda env: -a(env)
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in ("min", "max") \
-                and len(node.args) == 2 and not node.keywords:
-            f = min if node.func.id == "min" else max
-            a, b = build(node.args[0]), build(node.args[1])
-            return lambda env: f(a(env), b(env))
-        raise ArtifactError(f"plan.json: expression {text!r} uses {ast.dump(node)}, which the runtime does not allow")
-
-    return build(tree)
+    f = compile_exprs([text])
+    return lambda env: f(env)[0]
 
 
 def expr_names(text: str) -> frozenset[str]:
@@ -169,10 +178,24 @@ class _Variant:
                 compute={"module": module, "entry_point": k["name"]}, label=k["id"])
             self.layouts[k["id"]] = layout
             self.pipelines.append(pipeline)
-        # the dims each call's grid, uniform values and binding offsets read (a program for new dims
-        # recomputes only the calls that read a changed one)
-        self.deps = [frozenset().union(*(expr_names(e) for e in (*c["grid"], *c["pod"], *(o for _, o in c["bindings"]))))
-                     for c in plan["calls"]]
+        # each call's grid, uniform values and binding offsets as one function of the dims; the calls that
+        # read each dim and bind each buffer (a program for new dims recomputes only the calls that read a
+        # changed dim or bind a buffer that changed); likewise the intermediate buffers' sizes
+        self.call_fns = []
+        self.calls_of_dim: dict[str, list[int]] = {}
+        self.calls_of_buffer: dict[int, list[int]] = {}
+        for c_i, c in enumerate(plan["calls"]):
+            texts = (*c["grid"], *c["pod"], *(o for _, o in c["bindings"]))
+            self.call_fns.append(compile_exprs(texts))
+            for name in frozenset().union(*(expr_names(e) for e in texts)):
+                self.calls_of_dim.setdefault(name, []).append(c_i)
+            for b in {b for b, _ in c["bindings"]}:
+                self.calls_of_buffer.setdefault(b, []).append(c_i)
+        inter = [spec["kind"] not in ("input", "param", "const") for spec in plan["buffers"]]
+        self.size_fns = [compile_exprs([spec["bytes"]]) if i else None for spec, i in zip(plan["buffers"], inter)]
+        self.size_deps = [expr_names(spec["bytes"]) if i else frozenset() for spec, i in zip(plan["buffers"], inter)]
+        self.input_shape_fns = [compile_exprs(spec["shape"]) for spec in plan["inputs"]]
+        self.output_fns = [compile_exprs([*spec["shape"], spec["offset"]]) for spec in plan["outputs"]]
         # uniform values of every call at its slot of one buffer, rewritten for the shape set of each run
         self.slot = max(dev.limits["min-uniform-buffer-offset-alignment"], 16)
         self.uniform = dev.create_buffer(size=self.slot * max(1, len(plan["calls"])),
@@ -188,72 +211,91 @@ class _Program:
         dev, plan, dtypes = sess.device, variant.plan, sess.plan
         self.variant, self.env = variant, env
         vid = id(variant)
+        same = base is not None and base.variant is variant
+        changed = {k for k in set(env) | set(base.env) if env.get(k) != base.env.get(k)} if same else set()
         buffers: list = []
+        self.sizes: list = []  # bytes asked for each intermediate buffer
         for b, spec in enumerate(plan["buffers"]):
             kind = spec["kind"]
             if kind == "input":
                 buffers.append(None)  # filled below, sized from the feed
+                self.sizes.append(None)
             elif kind in ("param", "const"):
                 buffers.append(sess.fixed[spec["name"]])
+                self.sizes.append(None)
             else:
-                buffers.append(sess.pool.get((vid, "buffer", b), sess.exprs(spec["bytes"], env)))
+                nbytes = base.sizes[b] if same and not variant.size_deps[b] & changed else variant.size_fns[b](env)[0]
+                self.sizes.append(nbytes)
+                buffers.append(sess.pool.get((vid, "buffer", b), nbytes))
         self.inputs = []
         for i, spec in enumerate(plan["inputs"]):
-            shape = [sess.exprs(d, env) for d in spec["shape"]]
-            nbytes = int(np.prod(shape)) * np.dtype(_device_dtype(dtypes, spec["dtype"])).itemsize
+            itemsize = np.dtype(_device_dtype(dtypes, spec["dtype"])).itemsize
+            nbytes = math.prod(variant.input_shape_fns[i](env)) * itemsize
             self.inputs.append(sess.pool.get(("input", i), nbytes))
         for b, spec in enumerate(plan["buffers"]):
             if spec["kind"] == "input":
                 buffers[b] = self.inputs[spec["index"]]
         self.buffers = buffers
 
-        max_dim = dev.limits["max-compute-workgroups-per-dimension"]
         calls = plan["calls"]
-        slot = variant.slot
-        pods = bytearray(slot * max(1, len(calls)))
-        same = base is not None and base.variant is variant
-        changed = {k for k in set(env) | set(base.env) if env.get(k) != base.env.get(k)} if same else set()
-        self.entries = []  # per call: (dispatch, bind group entry), or None where its grid is empty
-        for c_i, call in enumerate(calls):
-            if same and not variant.deps[c_i] & changed and all(buffers[b] is base.buffers[b] for b, _ in call["bindings"]):
-                self.entries.append(base.entries[c_i])  # nothing it reads changed: reuse
-                pods[c_i * slot:(c_i + 1) * slot] = base.pods[c_i * slot:(c_i + 1) * slot]
-                continue
-            kernel = variant.kernels[call["kernel"]]
-            gx, gy = (sess.exprs(g, env) for g in call["grid"])
-            if gx <= 0 or gy <= 0:
-                self.entries.append(None)
-                continue
-            if gy > max_dim:
-                raise QCompileError(f"{sess.path}: kernel {kernel['name']} needs {gy} workgroups in y (limit {max_dim})")
-            gz = -(-gx // max_dim)
-            x = -(-gx // gz)
-            types = kernel["pod"]  # the kernel's scalars, then packGridDimX (the last block index)
-            values = [sess.exprs(v, env) for v in call["pod"]] + [gx - 1] if types else []
-            if len(types) != len(values):
-                raise ArtifactError(f"{sess.path}: kernel {kernel['name']} takes {len(types)} uniform values, "
-                                    f"the plan gives {len(values)}")
-            for j, (t, v) in enumerate(zip(types, values)):
-                struct.pack_into(_POD_STRUCT[t], pods, c_i * slot + 4 * j, v)
-            bound = tuple((buffers[b], sess.exprs(offset, env))
-                          for (b, offset), _a in zip(call["bindings"], kernel["bindings"]))
-            pipeline = variant.pipelines[call["kernel"]]
-            self.entries.append(((pipeline, kernel, bound, c_i * slot, (x, gy, gz)),
-                                 (pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz))))
+        max_dim = dev.limits["max-compute-workgroups-per-dimension"]
+        if same:  # from the base: only the calls that read a changed dim or bind a buffer that changed
+            pods = bytearray(base.pods)
+            self.entries = list(base.entries)
+            todo = {c for name in changed for c in variant.calls_of_dim.get(name, ())}
+            todo.update(c for b, buf in enumerate(buffers) if buf is not base.buffers[b]
+                        for c in variant.calls_of_buffer.get(b, ()))
+            todo = sorted(todo)
+        else:
+            pods = bytearray(variant.slot * max(1, len(calls)))
+            self.entries = [None] * len(calls)  # per call: (dispatch, bind group entry), None for an empty grid
+            todo = range(len(calls))
+        for c_i in todo:
+            self.entries[c_i] = self._entry(sess, variant, c_i, env, buffers, pods, max_dim)
         self.dispatches = [e[0] for e in self.entries if e is not None]
         self.bind_groups = [e[1] for e in self.entries if e is not None]
         self.pods = bytes(pods)
         self.outputs = []
         offset = 0
-        for spec in plan["outputs"]:
-            shape = tuple(sess.exprs(d, env) for d in spec["shape"])
+        for spec, values in zip(plan["outputs"], (f(env) for f in variant.output_fns)):
+            shape = values[:-1]
             ddtype = _device_dtype(dtypes, spec["dtype"])
-            nbytes = int(np.prod(shape)) * np.dtype(ddtype).itemsize
+            nbytes = math.prod(shape) * np.dtype(ddtype).itemsize
             size = max(4, -(-nbytes // 4) * 4)
-            self.outputs.append((buffers[spec["buffer"]], sess.exprs(spec["offset"], env), size, offset, shape,
-                                 ddtype, spec["dtype"], nbytes))
+            self.outputs.append((buffers[spec["buffer"]], values[-1], size, offset, shape, ddtype, spec["dtype"],
+                                 nbytes))
             offset += -(-size // _READ_ALIGN) * _READ_ALIGN
         self.read_bytes = max(offset, _READ_ALIGN)
+
+
+    @staticmethod
+    def _entry(sess: Session, variant: _Variant, c_i: int, env: dict, buffers: list, pods: bytearray, max_dim: int):
+        """Call ``c_i``'s (dispatch, bind group entry) for ``env`` (None where its grid is empty), its uniform
+        values written into its slot of ``pods``."""
+        call = variant.plan["calls"][c_i]
+        kernel = variant.kernels[call["kernel"]]
+        values = variant.call_fns[c_i](env)  # grid x, y, the uniform values, the binding offsets
+        gx, gy = values[0], values[1]
+        if gx <= 0 or gy <= 0:
+            return None
+        if gy > max_dim:
+            raise QCompileError(f"{sess.path}: kernel {kernel['name']} needs {gy} workgroups in y (limit {max_dim})")
+        gz = -(-gx // max_dim)
+        x = -(-gx // gz)
+        npod = len(call["pod"])
+        types = kernel["pod"]  # the kernel's scalars, then packGridDimX (the last block index)
+        pod = [*values[2:2 + npod], gx - 1] if types else []
+        if len(types) != len(pod):
+            raise ArtifactError(f"{sess.path}: kernel {kernel['name']} takes {len(types)} uniform values, "
+                                f"the plan gives {len(pod)}")
+        slot = variant.slot
+        for j, (t, v) in enumerate(zip(types, pod)):
+            struct.pack_into(_POD_STRUCT[t], pods, c_i * slot + 4 * j, v)
+        bound = tuple((buffers[b], off) for (b, _), off, _a in zip(call["bindings"], values[2 + npod:],
+                                                                    kernel["bindings"]))
+        pipeline = variant.pipelines[call["kernel"]]
+        return ((pipeline, kernel, bound, c_i * slot, (x, gy, gz)),
+                (pipeline, sess.bind_group(variant, kernel, bound, c_i * slot), (x, gy, gz)))
 
 
 class DeviceTensor:
@@ -650,10 +692,41 @@ class Session(DecoderMethods):
 
     @staticmethod
     def _dispatch(cpass, bind_groups) -> None:
+        native = _native_pass(cpass)
+        if native is None:
+            for pipeline, group, (x, y, z) in bind_groups:
+                cpass.set_pipeline(pipeline)
+                cpass.set_bind_group(0, group)
+                cpass.dispatch_workgroups(x, y, z)
+            return
+        # wgpu-native's entry points directly (wgpu-py's wrappers cost ~1 us a dispatch in argument
+        # handling; this session keeps every pipeline and bind group alive), a pipeline set only when it
+        # changes
+        enc, set_pipeline, set_bind_group, dispatch, null = native
+        last = None
         for pipeline, group, (x, y, z) in bind_groups:
-            cpass.set_pipeline(pipeline)
-            cpass.set_bind_group(0, group)
-            cpass.dispatch_workgroups(x, y, z)
+            if pipeline is not last:
+                set_pipeline(enc, pipeline._internal)
+                last = pipeline
+            set_bind_group(enc, 0, group._internal, 0, null)
+            dispatch(enc, x, y, z)
+
+
+def _native_pass(cpass):
+    """(encoder handle, SetPipeline, SetBindGroup, DispatchWorkgroups, NULL) of wgpu-native for a compute
+    pass of wgpu-py's native backend; None for anything else (then the public API is used)."""
+    try:
+        from wgpu.backends.wgpu_native import _api  # noqa: PLC0415
+    except ImportError:
+        return None
+    if type(cpass) is not getattr(_api, "GPUComputePassEncoder", None) or not hasattr(cpass, "_internal"):
+        return None
+    try:
+        lib = _api.libf
+        return (cpass._internal, lib.wgpuComputePassEncoderSetPipeline, lib.wgpuComputePassEncoderSetBindGroup,  # noqa: SLF001
+                lib.wgpuComputePassEncoderDispatchWorkgroups, _api.ffi.NULL)
+    except AttributeError:
+        return None
 
 
 def _padded(a: np.ndarray) -> bytes:

@@ -188,11 +188,57 @@ def test_kv_cache_model_has_a_decode_variant(tmp_path, int8_dot):
 
 
 def test_plan_expressions():
+    """Plan expressions are compiled to Python: only ints, names, + - * // %, unary minus, min and max."""
+    from qcompile.runtime.vulkan import compile_exprs
+
     env = {"batch": 7, "sequence": 3}
     assert compile_expr("(((batch) + 31) // 32)")(env) == 1
     assert compile_expr("max(batch * 4, 16) % 5 - sequence")(env) == 28 % 5 - 3
-    with pytest.raises(ArtifactError):
-        compile_expr("__import__('os').getcwd()")
+    assert compile_exprs(["-batch // 2", "min(batch, sequence)", "12"])(env) == (-4, 3, 12)
+    assert compile_exprs([])(env) == ()
+    for bad in ("__import__('os').getcwd()", "batch.real", "(lambda: 1)()", "'a' * 3", "1.5", "True + 1",
+                "batch if sequence else 0", "[batch][0]", "abs(batch)", "batch ** 2"):
+        with pytest.raises(ArtifactError):
+            compile_expr(bad)
+
+
+@needs_device
+def test_programs_from_the_last_equal_fresh_ones(tmp_path):
+    """A decode step at a new cache length starts from the last program and recomputes only the calls
+    that read a changed dim or bind a buffer that changed: each such program equals one made from
+    scratch (grids, bound buffers and offsets, uniform values, buffer sizes)."""
+    from qcompile.runtime.vulkan import _Program
+
+    model = onnx.parser.parse_model(KV_TEXT)
+    rng = np.random.default_rng(5)
+    for name, shape in {"E": (100, 64), "Wo": (64, 32)}.items():
+        model.graph.initializer.append(numpy_helper.from_array(rng.standard_normal(shape).astype(np.float32), name))
+    art = compile_model(save(model, tmp_path / "kv.onnx"), tmp_path / "kv.qcm",
+                        CompileOptions(target="vulkan", bpw=9, overrides=[("^Wo$", "q4g32")], min_weights=2048)).path
+    sess = load(art)
+    past = np.zeros((1, 3, 64), np.float32)
+    reused, prev = 0, None
+    for length in range(3, 40, 3):  # the pool regrows buffers along the way
+        past = np.concatenate([past, rng.standard_normal((1, length - past.shape[1], 64)).astype(np.float32)], 1)
+        sess.run(None, {"ids": np.array([[7]], np.int64), "past_h": past})
+        prog = sess._programs[next(reversed(sess._programs))]  # noqa: SLF001
+        fresh = _Program(sess, prog.variant, prog.env)
+        assert prog.sizes == fresh.sizes and prog.buffers == fresh.buffers
+        assert len(prog.entries) == len(fresh.entries)
+        for a, b in zip(prog.entries, fresh.entries):
+            assert (a is None) == (b is None)
+            if a is not None:
+                (_, ka, bound_a, slot_a, grid_a), (_, group_a, _) = a
+                (_, kb, bound_b, slot_b, grid_b), (_, group_b, _) = b
+                assert (ka["id"], slot_a, grid_a) == (kb["id"], slot_b, grid_b)
+                assert [(id(buf), off) for buf, off in bound_a] == [(id(buf), off) for buf, off in bound_b]
+                assert group_a is group_b  # the same cached bind group
+                n = 4 * len(ka["pod"])
+                assert prog.pods[slot_a:slot_a + n] == fresh.pods[slot_b:slot_b + n]
+        if prev is not None and prev.variant is prog.variant:
+            reused += sum(a is b and a is not None for a, b in zip(prog.entries, prev.entries))
+        prev = prog
+    assert reused > 0  # calls that read no changed dim kept the last program's entries
 
 
 @needs_device
