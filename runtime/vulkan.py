@@ -267,7 +267,6 @@ class _Program:
             offset += -(-size // _READ_ALIGN) * _READ_ALIGN
         self.read_bytes = max(offset, _READ_ALIGN)
 
-
     @staticmethod
     def _entry(sess: Session, variant: _Variant, c_i: int, env: dict, buffers: list, pods: bytearray, max_dim: int):
         """Call ``c_i``'s (dispatch, bind group entry) for ``env`` (None where its grid is empty), its uniform

@@ -242,6 +242,13 @@ def run(root: Path, json_path: Path) -> int:
 
     rows_by_name = {r["kernel"]: r for r in table}
 
+    def quantizer(row, x_t):
+        """(launch of the xpre row's quantize_x on ``x_t``, its output)."""
+        fq = lib[row["xquant"]]
+        xq_t = torch.empty((x_t.shape[0], row["xwidth"]), dtype=torch.int32, device=dev)
+        qargs = [tvm_ffi.from_dlpack(t) for t in (x_t, xq_t)]
+        return lambda: fq(*qargs), xq_t
+
     def call(name, x_t, planes_t, s_t, z_t, y_t, quantize=True):
         """The launch of kernel ``name``; an xpre kernel after its quantize_x (``quantize=False``: alone, on x
         quantized once here)."""
@@ -251,16 +258,14 @@ def run(root: Path, json_path: Path) -> int:
         if "xquant" not in row:
             args = [tvm_ffi.from_dlpack(t) for t in (x_t, planes_t[0], w1, s_t, z_t, y_t)]
             return lambda: f(*args)
-        fq = lib[row["xquant"]]
-        xq_t = torch.empty((x_t.shape[0], row["xwidth"]), dtype=torch.int32, device=dev)
-        qargs = [tvm_ffi.from_dlpack(t) for t in (x_t, xq_t)]
+        fq, xq_t = quantizer(row, x_t)
         args = [tvm_ffi.from_dlpack(t) for t in (xq_t, planes_t[0], w1, s_t, z_t, y_t)]
         if not quantize:
-            fq(*qargs)
+            fq()
             return lambda: f(*args)
 
         def launch():
-            fq(*qargs)
+            fq()
             f(*args)
         return launch
 
@@ -341,9 +346,8 @@ def run(root: Path, json_path: Path) -> int:
                     alone = [call(r["kernel"], x_t[1], p, sc, zc, ys[1][c], quantize=False)
                              for c, (p, sc, zc) in enumerate(sets)]
                     rec["us_gemv_only"] = timer.time(lambda c: alone[c](), copies)  # noqa: B023
-                    fq, xq_t = lib[r["xquant"]], torch.empty((1, r["xwidth"]), dtype=torch.int32, device=dev)
-                    qargs = [tvm_ffi.from_dlpack(a) for a in (x_t[1], xq_t)]
-                    rec["us_quantize_only"] = timer.time(lambda c: fq(*qargs), copies)  # noqa: B023
+                    fq, _ = quantizer(r, x_t[1])
+                    rec["us_quantize_only"] = timer.time(lambda c: fq(), copies)  # noqa: B023
                 res["timings"].append(rec)
                 log.info("b%d %5dx%-5d %-28s %7.2f %7.2f us %6.0f GB/s  batch 8: %7.2f us", bits, n, k, r["config"],
                          t[0], t[1], rec["GBps"], us8)

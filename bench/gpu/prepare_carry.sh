@@ -14,10 +14,10 @@
 #      *-fa builds (and models.json without them): python3 -m bench.gpu.decode run --gpu-root .gpu/dec7
 #      --json $OUT/decode.json, then its "decode" rows go into gpu.json;
 #   for f in .gpu/gl/*.deb; do dpkg -x $f /; done; ldconfig;
-#   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=/tmp;
-#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target /tmp/site .gpu/whl/*.whl &&
-#   mkdir -p /tmp/q/qcompile && for d in runtime passes targets compiler; do ln -s $PWD/$d /tmp/q/qcompile/$d; done &&
-#   PYTHONPATH=/tmp/site:$PWD/.gpu/site:/tmp/q:$PWD TVM_USE_RUNTIME_LIB=1 python3 -m bench.gpu.gpu_check run \
+#   export VK_DRIVER_FILES=/usr/local/nvidia/share/vulkan/icd.d/nvidia_icd.json XDG_RUNTIME_DIR=$(mktemp -d);
+#   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target .gpu/pysite .gpu/whl/*.whl &&
+#   mkdir -p .gpu/ns/qcompile && for d in runtime passes targets compiler; do ln -sfn $PWD/$d .gpu/ns/qcompile/$d; done &&
+#   PYTHONPATH=$PWD/.gpu/pysite:$PWD/.gpu/site:$PWD/.gpu/ns:$PWD TVM_USE_RUNTIME_LIB=1 python3 -m bench.gpu.gpu_check run \
 #       --dir .gpu/build --json $OUT/gpu.json          (then copy $OUT/gpu.json to bench/results/gpu.json)
 set -euo pipefail
 cd "$(dirname "$0")/../.."

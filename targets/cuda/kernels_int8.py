@@ -301,7 +301,6 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
     if rows > WARP:
         raise ValueError(f"gemv_int8: rows={rows} > {WARP}")
 
-    dp4a = _dp4a
     quantize = _activation_quantizer(p0, p1, two)
 
     def lanes_of(word, pb, s, off):
@@ -366,10 +365,6 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                                          + tx, i]
                         sc[1] = xss[0, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
                         sc[2] = xss[1, (((st * un + u) * ks + wk) * WARP + tx) * nb + b]
-                        if signed8:
-                            isum[1] = 0
-                            for t in T.unroll(8):
-                                isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
                     elif xpre:
                         for t in T.unroll(8):
                             xi0[t] = xr0[bi, u, b, t]
@@ -377,12 +372,12 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                 xi1[t] = xr1[bi, u, b, t]
                         sc[1] = T.reinterpret("float32", xsr[bi, u, b, 0])
                         sc[2] = T.reinterpret("float32", xsr[bi, u, b, 1])
-                        if signed8:
-                            isum[1] = 0
-                            for t in T.unroll(8):
-                                isum[1] = dp4a(xi0[t], T.int32(0x01010101), isum[1])
                     else:
                         quantize(xf, bi, u, b, q, mx, sc, isum, xi0, xi1)
+                    if signed8 and (xsmem or xpre):  # sum(xq) for the flipped codes (quantize makes its own)
+                        isum[1] = 0
+                        for t in T.unroll(8):
+                            isum[1] = _dp4a(xi0[t], T.int32(0x01010101), isum[1])
                     for r in T.unroll(rows):
                         if (bx * wr + wy) * rows + r < n:
                             isum[0] = 0
@@ -390,11 +385,11 @@ def gemv_int8(fmt: WeightFormat, k: int, n: int, config: Int8GemvConfig | None =
                                 isum[0] = isum[1] * 128
                             for j in T.unroll(p0):
                                 for t in T.unroll(per0):
-                                    isum[0] = dp4a(lanes_of(a0[bi, u, r, b * p0 + j], p0, t, 0), xi0[j * per0 + t], isum[0])
+                                    isum[0] = _dp4a(lanes_of(a0[bi, u, r, b * p0 + j], p0, t, 0), xi0[j * per0 + t], isum[0])
                             if two:
                                 for j in T.unroll(p1):
                                     for t in T.unroll(per1):
-                                        isum[0] = dp4a(lanes_of(a1[bi, u, r, b * p1 + j], p1, t, p0), xi1[j * per1 + t],
+                                        isum[0] = _dp4a(lanes_of(a1[bi, u, r, b * p1 + j], p1, t, p0), xi1[j * per1 + t],
                                                        isum[0])
                             if cfg.prefetch:
                                 acc[r] = acc[r] + T.Cast("float32", sr[bi, u, r, b % nsz]) * (
